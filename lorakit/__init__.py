@@ -1,0 +1,33 @@
+"""lorakit: LoRA fine-tuning exact to the paper (Hu et al. 2021), with small self-describing adapter files.
+
+The public API is imported lazily so that `lorakit --help` does not pay for importing torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+_API = {
+    "add_lora": "wrap",
+    "merge_adapter": "wrap",
+    "unmerge_adapter": "wrap",
+    "set_adapter_enabled": "wrap",
+    "lora_layers": "wrap",
+    "save_adapter": "adapter",
+    "load_adapter": "adapter",
+    "read_adapter": "adapter",
+    "LoRALayer": "lora",
+    "LorakitError": "errors",
+}
+
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+    raise AttributeError(f"module 'lorakit' has no attribute {name!r}")

@@ -1,0 +1,5 @@
+"""`python -m lorakit` runs the CLI."""
+
+from .cli import main
+
+main()

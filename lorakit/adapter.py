@@ -1,0 +1,347 @@
+"""The adapter file: A/B tensors named after base module paths, plus self-describing metadata.
+
+Layout of `adapter.safetensors`:
+- tensors `<path>.lora_A` (r, in) and `<path>.lora_B` (out, r), or `<path>.<slice>.lora_A/B` for a slice of
+  a fused projection (GPT-2 `transformer.h.0.attn.c_attn.q.lora_A`), all fp32;
+- string metadata: `format`, `format_version`, `lorakit_version`, `rank`, `alpha`, `dropout`, `targets`,
+  `base_model`, `base_class`, `base_fingerprint`, `base_dtype` and `modules` (JSON, one object per adapted
+  module with its shape, slices, rank, alpha and the fingerprint of its base weight).
+Nothing is ever unpickled: safetensors holds raw tensors only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .errors import LorakitError
+from .files import write_atomic
+from .fingerprint import combine_digests, sketches_match
+from .lora import LoRALayer, Slice, base_shape, is_linear_like
+from .targets import Target
+from .wrap import lora_layers, target_of, unmerge_adapter, unwrap, wrap_targets
+
+FORMAT = "lorakit-adapter"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ModuleInfo:
+    """One adapted base module as recorded in the file."""
+
+    path: str
+    in_features: int
+    out_features: int
+    rank: int
+    alpha: float
+    dropout: float
+    slices: list[Slice] | None
+    base_type: str
+    digest: str
+    sketch: list[float]
+    dtype: str
+
+    @property
+    def names(self) -> list[str]:
+        """Tensor-name prefixes: `path` or `path.slice` per A/B pair."""
+        if self.slices is None:
+            return [self.path]
+        return [f"{self.path}.{s.name}" for s in self.slices]
+
+    @property
+    def out_sizes(self) -> list[int]:
+        return [self.out_features] if self.slices is None else [s.size for s in self.slices]
+
+    def to_json(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["slices"] = None if self.slices is None else [[s.name, s.start, s.stop] for s in self.slices]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ModuleInfo:
+        slices = d.get("slices")
+        return cls(
+            path=str(d["path"]),
+            in_features=int(d["in_features"]),
+            out_features=int(d["out_features"]),
+            rank=int(d["rank"]),
+            alpha=float(d["alpha"]),
+            dropout=float(d["dropout"]),
+            slices=None if slices is None else [Slice(str(n), int(a), int(b)) for n, a, b in slices],
+            base_type=str(d["base_type"]),
+            digest=str(d["digest"]),
+            sketch=[float(x) for x in d["sketch"]],
+            dtype=str(d["dtype"]),
+        )
+
+
+@dataclass
+class Adapter:
+    """An adapter file read into memory."""
+
+    path: Path
+    metadata: dict[str, str]
+    modules: list[ModuleInfo]
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def rank(self) -> int:
+        return int(self.metadata["rank"])
+
+    @property
+    def alpha(self) -> float:
+        return float(self.metadata["alpha"])
+
+    @property
+    def base_model(self) -> str:
+        return self.metadata.get("base_model", "")
+
+    @property
+    def trainable_params(self) -> int:
+        return sum(t.numel() for t in self.tensors.values())
+
+
+def _module_info(path: str, layer: LoRALayer) -> ModuleInfo:
+    digest, sketch = layer.base_fingerprint()
+    return ModuleInfo(
+        path=path,
+        in_features=layer.in_features,
+        out_features=layer.out_features,
+        rank=layer.rank,
+        alpha=layer.alpha,
+        dropout=layer.dropout_p,
+        slices=None if layer.is_full else list(layer.slices),
+        base_type=type(layer.base).__name__,
+        digest=digest,
+        sketch=sketch,
+        dtype=layer.base_dtype,
+    )
+
+
+def adapter_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[ModuleInfo]]:
+    """The A/B tensors (named after base paths, fp32, CPU) and module records of a wrapped model."""
+    tensors: dict[str, torch.Tensor] = {}
+    modules = []
+    for path, layer in lora_layers(model):
+        info = _module_info(path, layer)
+        modules.append(info)
+        for name, a, b in zip(info.names, layer.lora_A, layer.lora_B):
+            tensors[f"{name}.lora_A"] = a.detach().float().cpu().contiguous()
+            tensors[f"{name}.lora_B"] = b.detach().float().cpu().contiguous()
+    if not modules:
+        raise LorakitError("model has no LoRA layers to save; call add_lora first")
+    return tensors, modules
+
+
+def build_metadata(
+    model: nn.Module, modules: list[ModuleInfo], base_model: str | None = None, extra: dict[str, str] | None = None
+) -> dict[str, str]:
+    """The file's string metadata."""
+    config = getattr(model, "config", None)
+    archs = getattr(config, "architectures", None) or [type(model).__name__]
+    first = modules[0]
+    meta = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "lorakit_version": __version__,
+        "rank": str(first.rank),
+        "alpha": f"{first.alpha:g}",
+        "dropout": f"{first.dropout:g}",
+        "targets": str(getattr(model, "lorakit_targets", "") or ""),
+        "base_model": str(base_model or getattr(config, "_name_or_path", "") or ""),
+        "base_class": str(archs[0]),
+        "base_fingerprint": combine_digests({m.path: m.digest for m in modules}),
+        "base_dtype": first.dtype,
+        "modules": json.dumps([m.to_json() for m in modules], separators=(",", ":")),
+    }
+    meta.update(extra or {})
+    return meta
+
+
+def save_adapter(
+    model: nn.Module, path: str | os.PathLike, base_model: str | None = None, extra: dict[str, str] | None = None
+) -> Path:
+    """Write the model's A/B tensors and metadata to one safetensors file, atomically.
+
+    Args:
+        model: a model wrapped by add_lora (merged or not).
+        path: the `.safetensors` file to write.
+        base_model: the base's hub id or folder, recorded for merge/export (default: `config._name_or_path`).
+        extra: more string metadata (e.g. the training configuration).
+    """
+    from safetensors.torch import save
+
+    tensors, modules = adapter_state(model)
+    meta = build_metadata(model, modules, base_model, extra)
+    path = Path(path)
+    write_atomic(path, save(tensors, metadata=meta))
+    return path
+
+
+def read_adapter(path: str | os.PathLike) -> Adapter:
+    """Read and validate an adapter file without a model: metadata, module records and tensors."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise LorakitError(f"{path}: no such adapter file" + (" (it is a folder)" if path.is_dir() else ""))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise LorakitError(f"{path}: not a readable safetensors file ({reason}); expected a lorakit adapter") from None
+    if metadata.get("format") != FORMAT:
+        hint = " (a PEFT adapter? convert it with `lorakit import`)" if "adapter_model" in path.name else ""
+        raise LorakitError(f"{path}: safetensors file without lorakit adapter metadata{hint}")
+    try:
+        version = int(metadata["format_version"])
+        modules = [ModuleInfo.from_json(m) for m in json.loads(metadata["modules"])]
+        int(metadata["rank"]), float(metadata["alpha"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise LorakitError(f"{path}: corrupt adapter metadata ({type(e).__name__}: {e})") from None
+    if version > FORMAT_VERSION:
+        raise LorakitError(
+            f"{path}: adapter format version {version} is newer than this lorakit supports ({FORMAT_VERSION}); upgrade lorakit"
+        )
+    _check_tensors(path, modules, tensors)
+    return Adapter(path, metadata, modules, tensors)
+
+
+def _check_tensors(path: Path, modules: list[ModuleInfo], tensors: dict[str, torch.Tensor]) -> None:
+    expected: dict[str, tuple[int, int]] = {}
+    for m in modules:
+        for name, out in zip(m.names, m.out_sizes):
+            expected[f"{name}.lora_A"] = (m.rank, m.in_features)
+            expected[f"{name}.lora_B"] = (out, m.rank)
+    missing = [k for k in expected if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected]
+    if missing:
+        raise LorakitError(f"{path}: missing tensors {_few(missing)} named in its metadata")
+    if unexpected:
+        raise LorakitError(f"{path}: unexpected tensors {_few(unexpected)} not named in its metadata")
+    for k, shape in expected.items():
+        t = tensors[k]
+        if tuple(t.shape) != shape:
+            raise LorakitError(f"{path}: tensor {k} has shape {tuple(t.shape)}, expected {shape}")
+        if not torch.is_floating_point(t):
+            raise LorakitError(f"{path}: tensor {k} has dtype {t.dtype}, expected a float type")
+        if not torch.isfinite(t).all():
+            raise LorakitError(f"{path}: tensor {k} holds NaN or inf values")
+
+
+def _few(names: list[str], n: int = 3) -> str:
+    shown = ", ".join(names[:n])
+    return shown + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def _same_structure(info: ModuleInfo, layer: LoRALayer) -> bool:
+    slices = None if layer.is_full else list(layer.slices)
+    return (
+        info.rank == layer.rank
+        and info.slices == slices
+        and (info.in_features, info.out_features) == (layer.in_features, layer.out_features)
+    )
+
+
+def check_base(adapter: Adapter, model: nn.Module) -> None:
+    """Refuse an adapter trained on other base weights (exact digest in the same dtype, sketch otherwise)."""
+    layers = dict(lora_layers(model))
+    for info in adapter.modules:
+        layer = layers[info.path]
+        digest, sketch = layer.base_fingerprint()
+        if layer.base_dtype == info.dtype:
+            same = digest == info.digest
+        else:
+            kind = "int8" if "int8" in (layer.base_dtype, info.dtype) else "float"
+            same = sketches_match(sketch, info.sketch, kind)
+        if not same:
+            raise LorakitError(
+                f"{adapter.path}: trained on another base ({adapter.base_model or 'unnamed'}, fingerprint "
+                f"{adapter.metadata.get('base_fingerprint')}); this model's weight at {info.path} differs"
+            )
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, verify_base: bool = True) -> list[str]:
+    """Load an adapter file onto a model.
+
+    A plain base gets the LoRA layers the file's metadata names; an already wrapped model (same
+    modules, slices and ranks) gets its A/B swapped in place: task switching without reloading the base.
+    A merged model is unmerged first. Nothing changes when a check fails.
+
+    Args:
+        model: the base model, plain or wrapped.
+        path: the adapter `.safetensors` file.
+        verify_base: refuse an adapter whose recorded base fingerprint does not match this model.
+
+    Returns:
+        The adapted names, as add_lora returns them.
+    """
+    adapter = read_adapter(path)
+    return apply_adapter(model, adapter, verify_base)
+
+
+def apply_adapter(model: nn.Module, adapter: Adapter, verify_base: bool = True) -> list[str]:
+    """load_adapter for an Adapter already in memory."""
+    existing = dict(lora_layers(model))
+    wrapped_here = False
+    if not existing:
+        targets = []
+        for info in adapter.modules:
+            try:
+                module = model.get_submodule(info.path)
+            except AttributeError:
+                raise LorakitError(f"{adapter.path}: module {info.path} not found in this model; adapter for another architecture?") from None
+            if not is_linear_like(module):
+                raise LorakitError(f"{adapter.path}: {info.path} is a {type(module).__name__} here, not a linear layer")
+            if base_shape(module) != (info.in_features, info.out_features):
+                raise LorakitError(
+                    f"{adapter.path}: {info.path} is {base_shape(module)} (in, out) here, "
+                    f"the adapter expects {(info.in_features, info.out_features)}; adapter for another base"
+                )
+            targets.append((info, Target(info.path, None if info.slices is None else tuple(info.slices))))
+        model.requires_grad_(False)
+        for info, target in targets:
+            wrap_targets(model, [target], info.rank, info.alpha, info.dropout)
+        model.lorakit_targets = adapter.metadata.get("targets", "")
+        wrapped_here = True
+    else:
+        paths = [info.path for info in adapter.modules]
+        if sorted(paths) != sorted(existing):
+            raise LorakitError(
+                f"{adapter.path}: adapts {_few(paths)}, the model's LoRA layers are {_few(list(existing))}; "
+                "load it onto a plain base instead"
+            )
+        for info in adapter.modules:
+            if not _same_structure(info, existing[info.path]):
+                raise LorakitError(f"{adapter.path}: {info.path} has another rank or slices than the model's LoRA layer")
+        unmerge_adapter(model)
+    try:
+        if verify_base:
+            check_base(adapter, model)
+    except LorakitError:
+        if wrapped_here:
+            unwrap(model)
+        raise
+    layers = dict(lora_layers(model))
+    names = []
+    with torch.no_grad():
+        for info in adapter.modules:
+            layer = layers[info.path]
+            layer.alpha, layer.scaling = info.alpha, info.alpha / info.rank
+            for name, a, b in zip(info.names, layer.lora_A, layer.lora_B):
+                a.copy_(adapter.tensors[f"{name}.lora_A"])
+                b.copy_(adapter.tensors[f"{name}.lora_B"])
+                names.append(name)
+    return names
+
+
+__all__ = ["Adapter", "ModuleInfo", "read_adapter", "save_adapter", "load_adapter", "apply_adapter", "target_of"]

@@ -1,0 +1,207 @@
+"""The LoRA layer: a frozen base projection plus `scaling * B(A(dropout(x)))` (Hu et al. 2021, eq. 3).
+
+One class wraps `nn.Linear`, transformers' `Conv1D` (weight stored (in, out)) and bitsandbytes'
+`Linear8bitLt`. A fused projection such as GPT-2's `c_attn` (q, k and v stacked on the output axis) can
+carry one A/B pair per output slice, so `q,v` adapts those two slices and leaves k bit-identical.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import LorakitError
+from .fingerprint import weight_digest, weight_sketch
+
+
+@dataclass(frozen=True)
+class Slice:
+    """An output range of the base projection adapted by one A/B pair; `name` is None for the whole output."""
+
+    name: str | None
+    start: int
+    stop: int
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2): a linear layer whose weight is stored transposed, (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """A bitsandbytes 8-bit (or other integer) base layer: usable, but not mergeable in place."""
+    weight = getattr(module, "weight", None)
+    return type(module).__module__.startswith("bitsandbytes") or (
+        weight is not None and not torch.is_floating_point(weight)
+    )
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """What a LoRA layer can wrap."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def base_shape(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a linear-like module, read from its type."""
+    if is_conv1d(module):
+        in_features, out_features = module.weight.shape  # Conv1D stores (in, out)
+        return int(in_features), int(out_features)
+    return int(module.in_features), int(module.out_features)
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """The base weight as a float (out, in) tensor; 8-bit weights are dequantized."""
+    weight = module.weight
+    if is_conv1d(module):
+        return weight.detach().T
+    if torch.is_floating_point(weight):
+        return weight.detach()
+    scb = getattr(weight, "SCB", None)
+    if scb is None:
+        scb = getattr(getattr(module, "state", None), "SCB", None)
+    if scb is None:
+        raise LorakitError(f"cannot read the quantized weight of {type(module).__name__} (no SCB scales)")
+    return weight.detach().float() * (scb.float().unsqueeze(1) / 127.0)  # row-wise absmax int8
+
+
+class LoRALayer(nn.Module):
+    """A frozen linear-like `base` plus a trainable low-rank update on one or more output slices.
+
+    Args:
+        base: `nn.Linear`, transformers `Conv1D` or bitsandbytes `Linear8bitLt`; frozen in place.
+        rank: r, the inner dimension of each A/B pair.
+        alpha: the update is scaled by alpha / rank.
+        dropout: dropout probability on the input of the low-rank path only.
+        slices: output ranges to adapt, each with its own A/B; None adapts the whole output.
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        slices: list[Slice] | None = None,
+    ) -> None:
+        super().__init__()
+        if not is_linear_like(base):
+            raise LorakitError(f"cannot wrap {type(base).__name__}: expected nn.Linear, Conv1D or Linear8bitLt")
+        if rank < 1:
+            raise LorakitError(f"rank must be a positive integer, got {rank}")
+        if not 0.0 <= dropout < 1.0:
+            raise LorakitError(f"dropout must be in [0, 1), got {dropout}")
+        self.base = base
+        self.base.requires_grad_(False)
+        self.in_features, self.out_features = base_shape(base)
+        self.slices = tuple(slices) if slices else (Slice(None, 0, self.out_features),)
+        for s in self.slices:
+            if not 0 <= s.start < s.stop <= self.out_features:
+                raise LorakitError(f"slice {s.name} [{s.start}, {s.stop}) outside output size {self.out_features}")
+        self.rank = int(rank)
+        self.alpha = float(alpha)
+        self.scaling = self.alpha / self.rank
+        self.dropout_p = float(dropout)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()  # no work when p = 0
+        device = base.weight.device
+        # LoRA parameters stay fp32 whatever the base dtype.
+        self.lora_A = nn.ParameterList(
+            [nn.Parameter(torch.empty(self.rank, self.in_features, device=device)) for _ in self.slices]
+        )  # each (r, in)
+        self.lora_B = nn.ParameterList(
+            [nn.Parameter(torch.empty(s.size, self.rank, device=device)) for s in self.slices]
+        )  # each (out_slice, r)
+        self.merged = False
+        self.enabled = True
+        self._fingerprint: tuple[str, list[float]] | None = None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """A Kaiming-uniform (as nn.Linear's default), B zero: the wrapped model starts as the base."""
+        for a, b in zip(self.lora_A, self.lora_B):
+            if a.device.type != "meta":
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+                nn.init.zeros_(b)
+
+    @property
+    def is_full(self) -> bool:
+        """One A/B pair over the whole output (no slices)."""
+        return len(self.slices) == 1 and self.slices[0].name is None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)  # (..., out)
+        if self.merged or not self.enabled:
+            return out
+        h = self.dropout(x).to(self.lora_A[0].dtype)  # (..., in), fp32 unless autocast says otherwise
+        if self.is_full:
+            delta = F.linear(F.linear(h, self.lora_A[0]) * self.scaling, self.lora_B[0])  # (..., out)
+            return out + delta.to(out.dtype)
+        a = F.linear(h, torch.cat(list(self.lora_A))) * self.scaling  # (..., n_slices * r), one matmul
+        for i, (s, b) in enumerate(zip(self.slices, self.lora_B)):
+            part = F.linear(a[..., i * self.rank : (i + 1) * self.rank], b)  # (..., out_slice)
+            out[..., s.start : s.stop] += part.to(out.dtype)  # other output columns untouched
+        return out
+
+    def delta_weight(self, index: int) -> torch.Tensor:
+        """scaling * B A for slice `index`, fp32, shape (out_slice, in)."""
+        a, b = self.lora_A[index], self.lora_B[index]
+        return (b.detach().float() @ a.detach().float()) * self.scaling
+
+    def base_fingerprint(self) -> tuple[str, list[float]]:
+        """(digest, sketch) of the unmerged base weight, computed once."""
+        if self._fingerprint is None:
+            if self.merged:
+                raise LorakitError("cannot fingerprint a merged layer; unmerge it first")
+            weight = self.base.weight
+            self._fingerprint = (weight_digest(weight), weight_sketch(dense_weight(self.base)))
+        return self._fingerprint
+
+    @property
+    def base_dtype(self) -> str:
+        return str(self.base.weight.dtype).removeprefix("torch.")
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into the base weight (fp32 arithmetic, finite-checked). Idempotent."""
+        if self.merged:
+            return
+        self.base_fingerprint()  # remember the pristine base before changing it
+        self._add_delta(+1.0)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the update from the base weight again. Idempotent."""
+        if not self.merged:
+            return
+        self._add_delta(-1.0)
+        self.merged = False
+
+    def _add_delta(self, sign: float) -> None:
+        if is_quantized(self.base):
+            raise LorakitError(
+                "cannot merge into a quantized (8-bit) base: reload the base in full precision "
+                "(`lorakit merge` does this) and merge there"
+            )
+        weight = self.base.weight
+        updates = []
+        for i, s in enumerate(self.slices):
+            rows = weight[:, s.start : s.stop].T if is_conv1d(self.base) else weight[s.start : s.stop]  # (out_s, in)
+            new = rows.float() + sign * self.delta_weight(i).to(weight.device)
+            if not torch.isfinite(new).all():
+                raise LorakitError(f"merging slice {s.name or 'all'} gives non-finite weights; adapter is corrupt")
+            updates.append((rows, new))
+        for rows, new in updates:  # write only once every slice checked out
+            rows.copy_(new.to(weight.dtype))
+
+    def extra_repr(self) -> str:
+        names = ",".join(s.name or "all" for s in self.slices)
+        return f"rank={self.rank}, alpha={self.alpha:g}, dropout={self.dropout_p:g}, slices={names}, merged={self.merged}"

@@ -1,0 +1,221 @@
+"""Which modules to adapt: `q,v`-style aliases per architecture, suffixes, `re:REGEX`, layer subsets.
+
+An alias maps to a module-name suffix and, for fused projections, an output slice. GPT-2's `c_attn`
+stacks q, k and v on its output axis: `q` is the first third, `v` the last.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+from .errors import LorakitError
+from .lora import Slice, base_shape, is_linear_like
+
+ALIASES = ("q", "k", "v", "o", "mlp", "all-linear")
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A module-path suffix (a regex over whole path components), and for fused q/k/v: which of
+    `parts` equal output chunks to take."""
+
+    suffix: str
+    part: int | None = None
+    parts: int = 1
+
+
+_GPT2 = {
+    "q": [Alias(r"attn\.c_attn", 0, 3)],
+    "k": [Alias(r"attn\.c_attn", 1, 3)],
+    "v": [Alias(r"attn\.c_attn", 2, 3)],
+    "o": [Alias(r"attn\.c_proj")],
+    "mlp": [Alias(r"mlp\.c_fc"), Alias(r"mlp\.c_proj")],
+}
+_LLAMA = {
+    "q": [Alias(r"self_attn\.q_proj")],
+    "k": [Alias(r"self_attn\.k_proj")],
+    "v": [Alias(r"self_attn\.v_proj")],
+    "o": [Alias(r"self_attn\.o_proj")],
+    "mlp": [Alias(r"mlp\.gate_proj"), Alias(r"mlp\.up_proj"), Alias(r"mlp\.down_proj")],
+}
+_BERT = {
+    "q": [Alias(r"attention\.self\.query")],
+    "k": [Alias(r"attention\.self\.key")],
+    "v": [Alias(r"attention\.self\.value")],
+    "o": [Alias(r"attention\.output\.dense")],
+    # `output.dense` alone would also match attention.output.dense: anchor on the layer index.
+    "mlp": [Alias(r"intermediate\.dense"), Alias(r"layer\.\d+\.output\.dense")],
+}
+_DISTILBERT = {
+    "q": [Alias(r"attention\.q_lin")],
+    "k": [Alias(r"attention\.k_lin")],
+    "v": [Alias(r"attention\.v_lin")],
+    "o": [Alias(r"attention\.out_lin")],
+    "mlp": [Alias(r"ffn\.lin1"), Alias(r"ffn\.lin2")],
+}
+ARCHITECTURES: dict[str, dict[str, list[Alias]]] = {
+    "gpt2": _GPT2,
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "mixtral": _LLAMA,
+    "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
+    "gemma": _LLAMA,
+    "gemma2": _LLAMA,
+    "bert": _BERT,
+    "roberta": _BERT,
+    "xlm-roberta": _BERT,
+    "distilbert": _DISTILBERT,
+}
+
+_SLICE_NAMES = ("q", "k", "v")
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A module to adapt: its path in the model and the output slices (None: the whole output)."""
+
+    path: str
+    slices: tuple[Slice, ...] | None = None
+
+
+def split_targets(spec: str | list[str]) -> list[str]:
+    """`"q,v"` -> ["q", "v"]; a spec starting with `re:` is one regex (it may contain commas)."""
+    if isinstance(spec, (list, tuple)):
+        return [str(t).strip() for t in spec if str(t).strip()]
+    spec = spec.strip()
+    if spec.startswith("re:"):
+        return [spec]
+    return [t.strip() for t in spec.split(",") if t.strip()]
+
+
+def layer_index(path: str) -> int | None:
+    """The transformer block index in a module path (`transformer.h.3.attn.c_attn` -> 3)."""
+    m = _LAYER_INDEX.search(f".{path}.")
+    return int(m.group(1)) if m else None
+
+
+def _suffix_matches(path: str, suffix: str) -> bool:
+    return re.search(rf"(^|\.)(?:{suffix})$", path) is not None
+
+
+def _linear_modules(model: nn.Module) -> dict[str, nn.Module]:
+    excluded = set()
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for name, module in model.named_modules():
+        if out_emb is not None and module is out_emb:
+            excluded.add(name)
+    return {n: m for n, m in model.named_modules() if is_linear_like(m) and n and n not in excluded}
+
+
+def _tied_elsewhere(model: nn.Module, path: str, module: nn.Module) -> str | None:
+    """Name of another parameter sharing this module's weight (tied embeddings), if any."""
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if param is module.weight and not name.startswith(f"{path}."):
+            return name
+    return None
+
+
+def resolve_targets(model: nn.Module, targets: str | list[str], layers: list[int] | None = None) -> list[Target]:
+    """Resolve a targets spec against a model.
+
+    Args:
+        model: a transformers model (its `config.model_type` picks the alias table) or any nn.Module.
+        targets: comma-separated aliases (`q,v`, `mlp`, `all-linear`), module-name suffixes, or `re:REGEX`
+            (full match against module paths).
+        layers: only modules in these transformer blocks (None: all).
+
+    Returns:
+        Targets in model order; aliases on one fused module are combined into one target with several slices.
+    """
+    tokens = split_targets(targets)
+    if not tokens:
+        raise LorakitError("no targets given; expected e.g. 'q,v', 'all-linear', a module suffix or 're:REGEX'")
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    table = ARCHITECTURES.get(model_type or "", {})
+    candidates = _linear_modules(model)
+    all_named = {n: m for n, m in model.named_modules() if is_linear_like(m) and n}
+    chosen: dict[str, set[int] | None] = {}  # path -> slice parts (None: whole module)
+    parts_of: dict[str, int] = {}
+
+    def add(path: str, alias: Alias | None) -> None:
+        if alias is None or alias.part is None:
+            chosen[path] = None
+            return
+        if path in chosen and chosen[path] is None:
+            return
+        chosen.setdefault(path, set()).add(alias.part)
+        parts_of[path] = alias.parts
+
+    for token in tokens:
+        matched = False
+        if token.startswith("re:"):
+            try:
+                pattern = re.compile(token[3:])
+            except re.error as e:
+                raise LorakitError(f"invalid regex in targets {token!r}: {e}") from None
+            for path in all_named:
+                if pattern.fullmatch(path):
+                    add(path, None)
+                    matched = True
+        elif token == "all-linear":
+            for path in candidates:
+                if layer_index(path) is not None:  # inside the transformer blocks: no heads, no pooler
+                    add(path, None)
+                    matched = True
+        elif token in table:
+            for alias in table[token]:
+                for path in candidates:
+                    if _suffix_matches(path, alias.suffix):
+                        add(path, alias)
+                        matched = True
+        elif token in ALIASES:
+            raise LorakitError(
+                f"target alias {token!r} is not defined for model type {model_type!r}; "
+                f"name modules by suffix instead (linear modules here: {_short_names(all_named)})"
+            )
+        else:
+            for path in all_named:
+                if path == token or path.endswith("." + token):
+                    add(path, None)
+                    matched = True
+        if not matched:
+            raise LorakitError(f"no module matched {token!r}; linear modules here: {_short_names(all_named)}")
+
+    result = []
+    for path in all_named:  # model order
+        if path not in chosen:
+            continue
+        if layers is not None and layer_index(path) not in set(layers):
+            continue
+        module = all_named[path]
+        tied = _tied_elsewhere(model, path, module)
+        if tied is not None:
+            raise LorakitError(f"{path} shares its weight with {tied} (tied embeddings); adapting it would change both")
+        parts = chosen[path]
+        slices = None
+        if parts is not None:
+            _, out_features = base_shape(module)
+            n = parts_of[path]
+            if out_features % n:
+                raise LorakitError(f"{path}: output size {out_features} does not split into {n} equal parts")
+            size = out_features // n
+            slices = tuple(Slice(_SLICE_NAMES[p] if n == 3 else f"part{p}", p * size, (p + 1) * size) for p in sorted(parts))
+        result.append(Target(path, slices))
+    if not result:
+        raise LorakitError(f"no module in layers {layers} matched {','.join(tokens)!r}")
+    return result
+
+
+def _short_names(modules: dict[str, nn.Module]) -> str:
+    """Distinct module paths with block indices collapsed, e.g. `transformer.h.*.attn.c_attn`."""
+    seen: list[str] = []
+    for path in modules:
+        short = re.sub(r"\.\d+\.", ".*.", path)
+        if short not in seen:
+            seen.append(short)
+    return ", ".join(seen)

@@ -1,0 +1,78 @@
+"""Tiny models built from configs in the test process: no network, ~0.1 s each."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+VOCAB = 96
+
+
+def tiny_gpt2(seed: int = 0, **overrides):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = dict(n_layer=2, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=1, eos_token_id=2)
+    cfg.update(overrides)
+    return GPT2LMHeadModel(GPT2Config(**cfg)).eval()
+
+
+def tiny_llama(seed: int = 0, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    cfg.update(overrides)
+    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+
+
+def tiny_bert(seed: int = 0, num_labels: int = 2, **overrides):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64, num_labels=num_labels, pad_token_id=0,
+    )
+    cfg.update(overrides)
+    return BertForSequenceClassification(BertConfig(**cfg)).eval()
+
+
+def tiny_tokenizer():
+    """A word-level fast tokenizer whose ids fit the tiny models' vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(VOCAB - 4)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def save_model(model, folder: Path) -> Path:
+    """Save a model (and the tiny tokenizer) as a Hugging Face folder; returns the folder."""
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def probe_ids(batch: int = 2, length: int = 12, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(4, VOCAB, (batch, length), generator=g)
+
+
+def randomize_lora(model, seed: int = 1, std: float = 0.5) -> None:
+    """Give every LoRA B a non-zero value so that the update matters."""
+    import lorakit
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lorakit.lora_layers(model):
+            for b in layer.lora_B:
+                b.copy_(torch.randn(b.shape, generator=g) * std)
