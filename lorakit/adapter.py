@@ -210,7 +210,8 @@ def read_adapter(path: str | os.PathLike) -> Adapter:
         raise LorakitError(f"{path}: corrupt adapter metadata ({type(e).__name__}: {e})") from None
     if version > FORMAT_VERSION:
         raise LorakitError(
-            f"{path}: adapter format version {version} is newer than this lorakit supports ({FORMAT_VERSION}); upgrade lorakit"
+            f"{path}: adapter format version {version} is newer than this lorakit supports "
+            f"({FORMAT_VERSION}); upgrade lorakit"
         )
     _check_tensors(path, modules, tensors)
     return Adapter(path, metadata, modules, tensors)
@@ -299,7 +300,9 @@ def apply_adapter(model: nn.Module, adapter: Adapter, verify_base: bool = True) 
             try:
                 module = model.get_submodule(info.path)
             except AttributeError:
-                raise LorakitError(f"{adapter.path}: module {info.path} not found in this model; adapter for another architecture?") from None
+                raise LorakitError(
+                    f"{adapter.path}: module {info.path} not found in this model; adapter for another architecture?"
+                ) from None
             if not is_linear_like(module):
                 raise LorakitError(f"{adapter.path}: {info.path} is a {type(module).__name__} here, not a linear layer")
             if base_shape(module) != (info.in_features, info.out_features):
@@ -322,7 +325,9 @@ def apply_adapter(model: nn.Module, adapter: Adapter, verify_base: bool = True) 
             )
         for info in adapter.modules:
             if not _same_structure(info, existing[info.path]):
-                raise LorakitError(f"{adapter.path}: {info.path} has another rank or slices than the model's LoRA layer")
+                raise LorakitError(
+                    f"{adapter.path}: {info.path} has another rank or slices than the model's LoRA layer"
+                )
         unmerge_adapter(model)
     try:
         if verify_base:

@@ -122,6 +122,7 @@ class LoRALayer(nn.Module):
         self.enabled = True
         self._fingerprint: tuple[str, list[float]] | None = None
         self.reset_parameters()
+        self.train(base.training)  # a layer added to a model in eval mode must not start dropping out
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -204,4 +205,6 @@ class LoRALayer(nn.Module):
 
     def extra_repr(self) -> str:
         names = ",".join(s.name or "all" for s in self.slices)
-        return f"rank={self.rank}, alpha={self.alpha:g}, dropout={self.dropout_p:g}, slices={names}, merged={self.merged}"
+        return (
+            f"rank={self.rank}, alpha={self.alpha:g}, dropout={self.dropout_p:g}, slices={names}, merged={self.merged}"
+        )

@@ -45,9 +45,7 @@ def _model_class(config: Any, task: str | None) -> Any:
     return transformers.AutoModelForCausalLM
 
 
-def load_base(
-    source: str, dtype: str = "auto", task: str | None = None, trust_remote_code: bool = False
-) -> nn.Module:
+def load_base(source: str, dtype: str = "auto", task: str | None = None, trust_remote_code: bool = False) -> nn.Module:
     """Load a pretrained model in eval mode.
 
     Args:

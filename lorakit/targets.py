@@ -204,7 +204,9 @@ def resolve_targets(model: nn.Module, targets: str | list[str], layers: list[int
             if out_features % n:
                 raise LorakitError(f"{path}: output size {out_features} does not split into {n} equal parts")
             size = out_features // n
-            slices = tuple(Slice(_SLICE_NAMES[p] if n == 3 else f"part{p}", p * size, (p + 1) * size) for p in sorted(parts))
+            slices = tuple(
+                Slice(_SLICE_NAMES[p] if n == 3 else f"part{p}", p * size, (p + 1) * size) for p in sorted(parts)
+            )
         result.append(Target(path, slices))
     if not result:
         raise LorakitError(f"no module in layers {layers} matched {','.join(tokens)!r}")

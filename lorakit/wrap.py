@@ -25,9 +25,7 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def wrap_targets(
-    model: nn.Module, targets: list[Target], rank: int, alpha: float, dropout: float
-) -> list[str]:
+def wrap_targets(model: nn.Module, targets: list[Target], rank: int, alpha: float, dropout: float) -> list[str]:
     """Wrap each target in a LoRALayer; returns adapter names (`path` or `path.slice`)."""
     names = []
     for target in targets:

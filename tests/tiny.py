@@ -23,8 +23,16 @@ def tiny_llama(seed: int = 0, **overrides):
 
     torch.manual_seed(seed)
     cfg = dict(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
     )
     cfg.update(overrides)
     return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
@@ -35,8 +43,14 @@ def tiny_bert(seed: int = 0, num_labels: int = 2, **overrides):
 
     torch.manual_seed(seed)
     cfg = dict(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=64, num_labels=num_labels, pad_token_id=0,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+        pad_token_id=0,
     )
     cfg.update(overrides)
     return BertForSequenceClassification(BertConfig(**cfg)).eval()

@@ -1,0 +1,114 @@
+"""`lorakit merge`: fold an adapter into its base and save a plain Hugging Face model folder.
+
+Memory: the base is loaded once; the merge happens in place, one projection at a time (each delta is
+computed in fp32 and only as large as that projection), so the peak is about one copy of the base.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .adapter import apply_adapter, read_adapter
+from .errors import LorakitError
+from .files import atomic_dir
+from .models import DTYPES, dtype_name, load_base, load_tokenizer
+from .wrap import lora_layers, merge_adapter, unwrap
+
+# Largest accepted |logit difference| between the adapted and the merged model on the probe batch,
+# relative to max(1, largest |logit|): rounding of the merged weight in the saved dtype.
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}
+PROBE_SEED = 20210617
+
+
+@dataclass
+class MergeResult:
+    """What `merge_to_folder` did."""
+
+    out: Path
+    base_model: str
+    dtype: str
+    modules: int
+    max_abs_diff: float
+    tolerance: float
+
+
+def probe_batch(model: nn.Module, batch: int = 2, length: int = 16) -> torch.Tensor:
+    """A fixed batch of token ids (same for every run) valid for the model's vocabulary."""
+    vocab = int(getattr(model.config, "vocab_size", 0) or 0)
+    if vocab < 2:
+        raise LorakitError("cannot build a probe batch: the model config has no vocab_size")
+    length = min(length, int(getattr(model.config, "max_position_embeddings", length) or length))
+    g = torch.Generator().manual_seed(PROBE_SEED)
+    return torch.randint(0, vocab, (batch, length), generator=g)
+
+
+@torch.no_grad()
+def logits_of(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Float32 logits of the probe batch, on CPU."""
+    device = next(model.parameters()).device
+    return model(input_ids=ids.to(device)).logits.float().cpu()
+
+
+def merge_to_folder(
+    adapter: str | os.PathLike,
+    out: str | os.PathLike,
+    model: str | None = None,
+    dtype: str = "auto",
+    overwrite: bool = False,
+) -> MergeResult:
+    """Merge an adapter into its base and write config, safetensors weights and tokenizer to `out`.
+
+    Args:
+        adapter: the lorakit adapter file.
+        out: the folder to write (refused if it exists and is not empty, unless `overwrite`).
+        model: the base (hub id or folder); default: the `base_model` recorded in the adapter.
+        dtype: saved dtype: `auto` (the base's own) or fp32, bf16, fp16.
+        overwrite: replace an existing `out` folder.
+
+    Raises:
+        LorakitError: bad adapter, wrong base, or merged logits further from the adapted ones than the
+            dtype's tolerance.
+    """
+    out = Path(out)
+    if out.is_dir() and any(out.iterdir()) and not overwrite:  # fail before the slow load
+        raise LorakitError(f"{out}: folder exists and is not empty; choose another --out or pass --overwrite")
+    if dtype != "auto" and dtype not in DTYPES:
+        raise LorakitError(f"unknown dtype {dtype!r}; expected auto, fp32, bf16 or fp16")
+    loaded = read_adapter(adapter)
+    source = model or loaded.base_model
+    if not source:
+        raise LorakitError(f"{adapter}: the adapter records no base model; pass --model")
+    base = load_base(source)
+    apply_adapter(base, loaded)  # checks the base fingerprint
+    ids = probe_batch(base)
+    adapted = logits_of(base, ids)  # (batch, length, vocab) or (batch, labels)
+    n_modules = sum(1 for _ in lora_layers(base))
+    merge_adapter(base)  # W0 + alpha/r * B A per projection, fp32 arithmetic, in place
+    unwrap(base)
+    if dtype != "auto":
+        base.to(DTYPES[dtype])
+    saved = next(base.parameters()).dtype
+    merged = logits_of(base, ids)
+    diff = float((merged - adapted).abs().max())
+    scale = max(1.0, float(adapted.abs().max()))
+    coarser = max(TOLERANCE.get(saved, 1e-1), TOLERANCE.get(torch.float32, 1e-4))
+    tolerance = coarser * scale
+    if not diff <= tolerance:  # also catches NaN
+        raise LorakitError(
+            f"merge check failed: probe logits of the merged model differ by {diff:.3g} "
+            f"(tolerance {tolerance:.3g} for {dtype_name(saved)}); nothing was written",
+            exit_code=1,
+        )
+    if hasattr(base, "lorakit_targets"):
+        del base.lorakit_targets
+    tokenizer = load_tokenizer(source)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        base.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return MergeResult(out, source, dtype_name(saved), n_modules, diff, tolerance)
