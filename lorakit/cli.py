@@ -62,6 +62,16 @@ def _friendly(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _quiet_transformers() -> None:
+    """No per-shard "Loading weights" bars or advisory warnings in our output; hub download bars stay."""
+    from huggingface_hub.utils import enable_progress_bars
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+    enable_progress_bars()
+
+
 def _console() -> Any:
     from rich.console import Console
 
@@ -84,6 +94,7 @@ def merge(
     """Fold the adapter into its base and write a plain Hugging Face model folder."""
     from .merge import merge_to_folder
 
+    _quiet_transformers()
     console = _console()
     result = merge_to_folder(adapter, out, model=model, dtype=dtype, overwrite=overwrite)
     console.print(
@@ -122,6 +133,7 @@ def import_(
     """Convert a PEFT LoRA adapter folder into a lorakit adapter file."""
     from .export import import_peft
 
+    _quiet_transformers()
     path = import_peft(peft_dir, out, model=model, overwrite=overwrite)
     _console().print(f"wrote {path}")
 

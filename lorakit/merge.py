@@ -85,6 +85,7 @@ def merge_to_folder(
         raise LorakitError(f"{adapter}: the adapter records no base model; pass --model")
     base = load_base(source)
     apply_adapter(base, loaded)  # checks the base fingerprint
+    loaded_dtype = next(base.parameters()).dtype
     ids = probe_batch(base)
     adapted = logits_of(base, ids)  # (batch, length, vocab) or (batch, labels)
     n_modules = sum(1 for _ in lora_layers(base))
@@ -96,8 +97,8 @@ def merge_to_folder(
     merged = logits_of(base, ids)
     diff = float((merged - adapted).abs().max())
     scale = max(1.0, float(adapted.abs().max()))
-    coarser = max(TOLERANCE.get(saved, 1e-1), TOLERANCE.get(torch.float32, 1e-4))
-    tolerance = coarser * scale
+    # The adapted logits carry the loaded dtype's rounding, the merged ones the saved dtype's: allow the coarser.
+    tolerance = max(TOLERANCE.get(loaded_dtype, 1e-1), TOLERANCE.get(saved, 1e-1)) * scale
     if not diff <= tolerance:  # also catches NaN
         raise LorakitError(
             f"merge check failed: probe logits of the merged model differ by {diff:.3g} "
