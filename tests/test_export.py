@@ -1,0 +1,347 @@
+"""PEFT export and import, checked against the `peft` library itself (a test-only oracle)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from tiny import probe_ids, randomize_lora, save_model, tiny_bert, tiny_gpt2, tiny_llama
+from torch import nn
+
+import lorakit
+from lorakit.adapter import read_adapter, save_adapter
+from lorakit.errors import LorakitError
+from lorakit.export import _pattern_key, export_peft, import_peft
+from lorakit.models import load_base
+
+peft = pytest.importorskip("peft")
+
+BUILDERS = {"gpt2": tiny_gpt2, "llama": tiny_llama, "bert": tiny_bert}
+TOL = 1e-5
+Q0 = "model.layers.0.self_attn.q_proj"  # a tiny-Llama module: (in, out) = (32, 32)
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Saved tiny base folders, one per architecture."""
+    root = tmp_path_factory.mktemp("bases")
+    return {arch: save_model(build(), root / arch) for arch, build in BUILDERS.items()}
+
+
+def logits(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=probe_ids()).logits
+
+
+def lorakit_adapter(folder: Path, targets: str, path: Path, rank: int = 2, alpha: float = 8.0) -> nn.Module:
+    """A lorakit-wrapped base with random B, saved to `path`; returns the wrapped model."""
+    model = load_base(str(folder))
+    lorakit.add_lora(model, targets, rank=rank, alpha=alpha, dropout=0.1)
+    randomize_lora(model)
+    save_adapter(model, path, base_model=str(folder))
+    return model
+
+
+def peft_adapter(folder: Path, out: Path, seed: int = 3, **config) -> nn.Module:
+    """A PEFT LoRA model on the base in `folder` with random B, saved to `out`; returns the PEFT model."""
+    model = peft.get_peft_model(load_base(str(folder)), peft.LoraConfig(**config))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    model.save_pretrained(out)
+    return model.eval()
+
+
+# ---------------------------------------------------------------- export
+
+
+@pytest.mark.parametrize(
+    "arch, targets",
+    [
+        ("gpt2", "q,v"),  # sliced c_attn -> one rank-2r block adapter
+        ("gpt2", "o,mlp"),  # Conv1D, whole modules
+        ("gpt2", "q,v,o"),  # c_attn rank 2r / alpha 2a beside c_proj rank r / alpha a: patterns
+        ("llama", "q,v,o"),
+        ("llama", "all-linear"),
+        ("bert", "q,v"),  # sequence classification
+    ],
+)
+def test_export_loads_in_peft_with_same_logits(bases, tmp_path, arch, targets):
+    folder = bases[arch]
+    model = lorakit_adapter(folder, targets, tmp_path / "a.safetensors")
+    out = export_peft(tmp_path / "a.safetensors", tmp_path / "peft")
+
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA"
+    assert config["task_type"] == (None if arch == "bert" else "CAUSAL_LM")  # SEQ_CLS would want head weights
+    assert config["fan_in_fan_out"] == (arch == "gpt2")
+    assert config["target_modules"] == [path for path, _ in lorakit.lora_layers(model)]
+    assert config["base_model_name_or_path"] == str(folder)
+
+    loaded = peft.PeftModel.from_pretrained(load_base(str(folder)), out).eval()
+    assert (logits(loaded) - logits(model)).abs().max().item() <= TOL
+    # every module got the rank and alpha it was exported with, patterns included
+    weights = _peft_tensors(out)
+    for path, _ in lorakit.lora_layers(model):
+        layer = loaded.base_model.model.get_submodule(path)
+        assert layer.r["default"] == weights[f"base_model.model.{path}.lora_A.weight"].shape[0]
+
+
+def _peft_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def test_export_sliced_module_is_block_structured(bases, tmp_path):
+    model = lorakit_adapter(bases["gpt2"], "q,v", tmp_path / "a.safetensors", rank=2, alpha=8)
+    out = export_peft(tmp_path / "a.safetensors", tmp_path / "peft")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"]) == (4, 16)  # k=2 slices of rank 2, alpha 8
+    assert config["rank_pattern"] == config["alpha_pattern"] == {}
+
+    path = "transformer.h.0.attn.c_attn"
+    layer = model.get_submodule(path)
+    weights = _peft_tensors(out)
+    a = weights[f"base_model.model.{path}.lora_A.weight"]  # (k*r, in)
+    b = weights[f"base_model.model.{path}.lora_B.weight"]  # (out, k*r)
+    assert a.shape == (4, 32) and b.shape == (96, 4)
+    assert torch.equal(b[32:64], torch.zeros(32, 4))  # k rows untouched
+    delta = (b @ a) * 16 / 4  # (out, in), PEFT's update
+    assert torch.allclose(delta[:32], layer.delta_weight(0), atol=1e-6)  # q
+    assert torch.allclose(delta[64:], layer.delta_weight(1), atol=1e-6)  # v
+
+
+def test_export_mixed_ranks_use_patterns(bases, tmp_path):
+    lorakit_adapter(bases["gpt2"], "q,v,o", tmp_path / "a.safetensors", rank=2, alpha=8)
+    out = export_peft(tmp_path / "a.safetensors", tmp_path / "peft")
+    config = json.loads((out / "adapter_config.json").read_text())
+    # c_attn (rank 4, alpha 16) and attn.c_proj (rank 2, alpha 8) tie; the first in model order is global
+    assert (config["r"], config["lora_alpha"]) == (4, 16)
+    expected = {f"transformer.h.{i}.attn.c_proj": 2 for i in range(2)}
+    assert config["rank_pattern"] == expected
+    assert config["alpha_pattern"] == {k: 8 for k in expected}
+
+
+def test_pattern_key_is_anchored_only_when_a_dot_wildcard_is_ambiguous():
+    paths = ["a.b.c", "a.b1c"]
+    assert _pattern_key("a.b1c", paths) == "a.b1c"
+    assert _pattern_key("a.b.c", paths) == r"^a\.b\.c"  # plain "a.b.c" would also match "a.b1c"
+
+
+def test_export_refuses_non_empty_folder_unless_overwrite(bases, tmp_path):
+    lorakit_adapter(bases["llama"], "q", tmp_path / "a.safetensors")
+    out = tmp_path / "peft"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(LorakitError, match="not empty"):
+        export_peft(tmp_path / "a.safetensors", out)
+    assert (out / "keep.txt").exists()
+    export_peft(tmp_path / "a.safetensors", out, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "adapter_model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------- import
+
+
+@pytest.mark.parametrize(
+    "arch, config",
+    [
+        ("gpt2", dict(target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)),  # Conv1D
+        (
+            "llama",
+            dict(
+                target_modules=["q_proj", "v_proj", "down_proj"],
+                rank_pattern={"q_proj": 4},
+                alpha_pattern={"model.layers.0.self_attn.v_proj": 3, "down_proj": 10},
+            ),
+        ),
+        ("bert", dict(target_modules=["query", "value"])),
+    ],
+)
+def test_import_gives_peft_logits(bases, tmp_path, arch, config):
+    folder = bases[arch]
+    reference = peft_adapter(folder, tmp_path / "peft", r=2, lora_alpha=6, **config)
+    out = import_peft(tmp_path / "peft", tmp_path / "a.safetensors")  # base from base_model_name_or_path
+
+    adapter = read_adapter(out)
+    assert adapter.base_model == str(folder)
+    model = load_base(str(folder))
+    lorakit.load_adapter(model, out)  # also checks the recorded base fingerprint
+    assert (logits(model) - logits(reference)).abs().max().item() <= TOL
+
+
+def test_round_trip_keeps_tensors(bases, tmp_path):
+    lorakit_adapter(bases["llama"], "q,v,o", tmp_path / "a.safetensors", rank=3, alpha=12)
+    export_peft(tmp_path / "a.safetensors", tmp_path / "peft")
+    back = import_peft(tmp_path / "peft", tmp_path / "b.safetensors", model=str(bases["llama"]))
+
+    a, b = read_adapter(tmp_path / "a.safetensors"), read_adapter(back)
+    assert a.tensors.keys() == b.tensors.keys()
+    assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+    assert [(m.path, m.rank, m.alpha) for m in a.modules] == [(m.path, m.rank, m.alpha) for m in b.modules]
+    assert a.metadata["base_fingerprint"] == b.metadata["base_fingerprint"]
+
+
+def test_round_trip_of_sliced_adapter_keeps_outputs(bases, tmp_path):
+    model = lorakit_adapter(bases["gpt2"], "q,v,o", tmp_path / "a.safetensors")
+    export_peft(tmp_path / "a.safetensors", tmp_path / "peft")
+    import_peft(tmp_path / "peft", tmp_path / "b.safetensors")
+    back = load_base(str(bases["gpt2"]))
+    lorakit.load_adapter(back, tmp_path / "b.safetensors")
+    assert (logits(back) - logits(model)).abs().max().item() <= TOL
+
+
+def test_import_refuses_existing_file_unless_overwrite(bases, tmp_path):
+    lorakit_adapter(bases["llama"], "q", tmp_path / "a.safetensors")
+    export_peft(tmp_path / "a.safetensors", tmp_path / "peft")
+    (tmp_path / "b.safetensors").write_bytes(b"old")
+    with pytest.raises(LorakitError, match="exists"):
+        import_peft(tmp_path / "peft", tmp_path / "b.safetensors")
+    assert (tmp_path / "b.safetensors").read_bytes() == b"old"
+    import_peft(tmp_path / "peft", tmp_path / "b.safetensors", overwrite=True)
+    read_adapter(tmp_path / "b.safetensors")
+
+
+# ---------------------------------------------------------------- import errors
+
+
+def write_peft(folder: Path, base: Path | None = None, tensors: dict | None = None, **config) -> Path:
+    """A hand-made PEFT folder for the tiny Llama: one q_proj adapter unless `tensors` says otherwise."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = {
+        "peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], "bias": "none",
+        "base_model_name_or_path": str(base) if base else None,
+    }
+    cfg.update(config)
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    if tensors is None:
+        tensors = {f"{Q0}.lora_A.weight": torch.randn(2, 32), f"{Q0}.lora_B.weight": torch.randn(32, 2)}
+    tensors = {f"base_model.model.{k}": v for k, v in tensors.items()}
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    return folder
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (dict(peft_type="IA3"), "is a PEFT IA3 adapter; only plain LoRA can be imported"),
+        (dict(use_dora=True), "use_dora"),
+        (dict(use_rslora=True), "rsLoRA scaling alpha/sqrt(r)"),
+        (dict(bias="all"), "bias = 'all'"),
+        (dict(lora_bias=True), "lora_bias"),
+        (dict(modules_to_save=["classifier"]), "modules_to_save = ['classifier']"),
+        (dict(init_lora_weights="pissa"), "changes the base weights"),
+        (dict(lora_dropout=1.5), "lora_dropout"),
+        (dict(alpha_pattern={"q_proj": "big"}), "lora_alpha for model.layers.0.self_attn.q_proj is 'big'"),
+    ],
+)
+def test_import_refuses_config(tmp_path, config, message):
+    peft_dir = write_peft(tmp_path / "peft", **config)
+    with pytest.raises(LorakitError, match="adapter_config.json") as e:
+        import_peft(peft_dir, tmp_path / "a.safetensors", model="unused")
+    assert message in str(e.value)
+
+
+def test_import_refuses_missing_folder_and_files(tmp_path):
+    with pytest.raises(LorakitError, match="no such folder"):
+        import_peft(tmp_path / "nope", tmp_path / "a.safetensors")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LorakitError, match="no adapter_config.json"):
+        import_peft(tmp_path / "empty", tmp_path / "a.safetensors")
+    (tmp_path / "empty" / "adapter_config.json").write_text("{not json")
+    with pytest.raises(LorakitError, match="adapter_config.json: invalid JSON"):
+        import_peft(tmp_path / "empty", tmp_path / "a.safetensors")
+
+
+def test_import_never_loads_a_pickle(tmp_path):
+    peft_dir = write_peft(tmp_path / "peft")
+    (peft_dir / "adapter_model.safetensors").unlink()
+    (peft_dir / "adapter_model.bin").write_bytes(b"not read")
+    with pytest.raises(LorakitError, match=r"only adapter_model.bin \(a pickle, never loaded\)"):
+        import_peft(peft_dir, tmp_path / "a.safetensors", model="unused")
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("model.embed_tokens.lora_embedding_A", "LoRA on an embedding layer"),
+        (f"{Q0}.lora_magnitude_vector", "DoRA"),
+        (f"{Q0}.weight", f"unexpected tensor base_model.model.{Q0}.weight"),
+    ],
+)
+def test_import_refuses_tensor_names(tmp_path, name, message):
+    tensors = {f"{Q0}.lora_A.weight": torch.randn(2, 32), f"{Q0}.lora_B.weight": torch.randn(32, 2)}
+    tensors[name] = torch.randn(2, 32)
+    peft_dir = write_peft(tmp_path / "peft", tensors=tensors)
+    with pytest.raises(LorakitError, match="adapter_model.safetensors") as e:
+        import_peft(peft_dir, tmp_path / "a.safetensors", model="unused")
+    assert message in str(e.value)
+
+
+def test_import_refuses_conv_tensors(tmp_path):
+    # PEFT's Conv2d LoRA: A (r, in, 1, 1), B (out, r, 1, 1)
+    a, b = torch.randn(2, 32, 1, 1), torch.randn(32, 2, 1, 1)
+    tensors = {f"{Q0}.lora_A.weight": a, f"{Q0}.lora_B.weight": b}
+    peft_dir = write_peft(tmp_path / "peft", tensors=tensors)
+    with pytest.raises(LorakitError, match="4-D LoRA tensors"):
+        import_peft(peft_dir, tmp_path / "a.safetensors", model="unused")
+
+
+def test_import_accepts_adapter_name_in_tensor_names(bases, tmp_path):
+    a, b = torch.randn(2, 32), torch.randn(32, 2)
+    tensors = {f"{Q0}.lora_A.default.weight": a, f"{Q0}.lora_B.default.weight": b}
+    peft_dir = write_peft(tmp_path / "peft", bases["llama"], tensors=tensors)
+    adapter = read_adapter(import_peft(peft_dir, tmp_path / "a.safetensors"))
+    assert torch.equal(adapter.tensors[f"{Q0}.lora_A"], a) and adapter.modules[0].alpha == 4
+
+
+@pytest.mark.parametrize(
+    "tensors, message",
+    [
+        (
+            {"model.layers.0.self_attn.nope.lora_A.weight": torch.randn(2, 32),
+             "model.layers.0.self_attn.nope.lora_B.weight": torch.randn(32, 2)},
+            "module model.layers.0.self_attn.nope not found in the base model",
+        ),
+        (
+            {f"{Q0}.lora_A.weight": torch.randn(2, 48), f"{Q0}.lora_B.weight": torch.randn(32, 2)},
+            f"{Q0} is (32, 32) (in, out) in the base, the adapter expects (48, 32)",
+        ),
+        (
+            {"model.norm.lora_A.weight": torch.randn(2, 32), "model.norm.lora_B.weight": torch.randn(32, 2)},
+            "model.norm is a LlamaRMSNorm in the base, not linear",
+        ),
+    ],
+)
+def test_import_refuses_modules_the_base_lacks(bases, tmp_path, tensors, message):
+    peft_dir = write_peft(tmp_path / "peft", bases["llama"], tensors=tensors)
+    with pytest.raises(LorakitError) as e:
+        import_peft(peft_dir, tmp_path / "a.safetensors")
+    assert message in str(e.value)
+    assert not (tmp_path / "a.safetensors").exists()
+
+
+def test_import_needs_a_base_model(tmp_path):
+    peft_dir = write_peft(tmp_path / "peft", base=None)
+    with pytest.raises(LorakitError, match="records no base_model_name_or_path; pass --model"):
+        import_peft(peft_dir, tmp_path / "a.safetensors")
+
+
+def test_cli_import_error_is_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from lorakit.cli import app
+
+    peft_dir = write_peft(tmp_path / "peft", use_dora=True)
+    result = CliRunner().invoke(app, ["import", str(peft_dir), "--out", str(tmp_path / "a.safetensors")])
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: ") and "use_dora" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.output
