@@ -34,8 +34,6 @@ class TrainConfig:
     """Allow model code from the hub (off unless asked for)."""
     precision: Precision = "fp32"
     """Compute precision: fp32, bf16 (autocast) or fp16 (autocast + grad scaler)."""
-    load_in_8bit: bool = False
-    """Load the frozen base in 8 bits with bitsandbytes."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (non-reentrant) to save memory."""
     base_dropout: bool = False
@@ -112,9 +110,6 @@ class TrainConfig:
     """Write a metrics line every N steps."""
     resume: bool = False
     overwrite: bool = False
-    dry_run: bool = False
-    nproc: int | None = None
-    """Processes to launch through torchrun."""
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -169,7 +164,7 @@ def _check_values(cfg: TrainConfig) -> list[str]:
     for name in positive:
         if getattr(cfg, name) < 1:
             problems.append(f"{name}: must be at least 1, got {getattr(cfg, name)}")
-    for name in ("max_steps", "save_every", "eval_every", "eval_batches", "limit", "eval_limit", "nproc", "num_labels"):
+    for name in ("max_steps", "save_every", "eval_every", "eval_batches", "limit", "eval_limit", "num_labels"):
         value = getattr(cfg, name)
         if value is not None and value < 1:
             problems.append(f"{name}: must be at least 1, got {value}")

@@ -1,0 +1,440 @@
+"""`lorakit train`: one readable training loop, `train(config) -> TrainResult`.
+
+Order of work: run folder, data (read and checked before any model loads), tokenizer, model, LoRA layers,
+optimizer, optional resume, then the loop: micro-batches -> loss summed over label tokens / tokens in the
+step -> backward -> (clip) -> AdamW step at lr_at(step) -> log, evaluate, checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapter import apply_adapter, save_adapter
+from .checkpoint import latest_checkpoint, load_checkpoint, load_optimizer, save_checkpoint, set_rng_state
+from .config import TrainConfig, to_yaml
+from .data import DataSpec, Encoded, batch_order, collate, encode, read_rows
+from .errors import LorakitError
+from .evaluate import dataset_loss, label_count, to_device
+from .files import write_atomic
+from .loss import batch_loss
+from .models import PACKAGED, cache_dir, load_base, load_tokenizer
+from .wrap import add_lora, lora_layers
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced and measured."""
+
+    out: Path
+    adapter: Path
+    steps: int
+    trainable_params: int
+    frozen_params: int
+    adapter_bytes: int
+    seconds: float
+    tokens: int
+    train_loss: float | None
+    eval_loss: float | None
+    first_eval_loss: float | None
+    truncated: int
+    dropped: int
+    resumed_from: int | None
+    lora_changed: bool
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup to `peak`, then linear decay to 0."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * max(0.0, (total - step) / max(1, total - warmup))
+
+
+def prepare_run_dir(cfg: TrainConfig) -> Path:
+    """The run folder; an existing non-empty one only with --resume or --overwrite."""
+    out = Path(cfg.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    busy = out.is_dir() and any(out.iterdir())
+    if out.exists() and not out.is_dir():
+        raise LorakitError(f"{out}: exists and is not a folder")
+    if cfg.resume:
+        if latest_checkpoint(out) is None:
+            raise LorakitError(f"{out}: no checkpoint to resume from (expected {out}/checkpoints/latest)")
+    elif busy and not cfg.overwrite:
+        raise LorakitError(f"{out}: run folder exists and is not empty; pass --resume to continue it or --overwrite")
+    elif busy:
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def with_demo_data(cfg: TrainConfig) -> TrainConfig:
+    """No --data: the generated demo set (and its eval split), written once to the cache."""
+    if cfg.data is not None:
+        return cfg
+    from .demo import write_demo_data
+
+    train_path, eval_path = write_demo_data(cache_dir() / "demo")
+    cfg.data = str(train_path)
+    if cfg.eval_data is None:
+        cfg.eval_data = str(eval_path)
+    return cfg
+
+
+def data_spec(cfg: TrainConfig, source: str, split: str, limit: int | None) -> DataSpec:
+    return DataSpec(
+        source=source,
+        split=split,
+        hub_config=cfg.data_config,
+        text_field=cfg.text_field,
+        prompt_field=cfg.prompt_field,
+        completion_field=cfg.completion_field,
+        messages_field=cfg.messages_field,
+        label_field=cfg.label_field,
+        prompt_template=cfg.prompt_template,
+        completion_template=cfg.completion_template,
+        limit=limit,
+    )
+
+
+def pad_id_of(tokenizer: Any) -> int:
+    """Any valid id works: padding is masked by position, never by token id."""
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+def autocast_for(precision: str, device: torch.device) -> Any:
+    """A context-manager factory for the compute precision (fp32: no autocast)."""
+    if precision == "fp32":
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def base_dropout_off(model: nn.Module) -> None:
+    """Silence the base model's own dropout (the paper's GPT-2 has none); LoRA dropout is untouched."""
+    lora_dropouts = {id(layer.dropout) for _, layer in lora_layers(model)}
+    for module in model.modules():
+        if isinstance(module, nn.Dropout) and id(module) not in lora_dropouts:
+            module.p = 0.0
+        for attr in ("attention_dropout", "dropout_p"):  # attention code that reads a float, not a module
+            if isinstance(getattr(module, attr, None), float):
+                setattr(module, attr, 0.0)
+
+
+def micro_batches(encoded: Encoded, cfg: TrainConfig, epoch: int, index: int) -> Iterator[tuple[int, int, list[int]]]:
+    """(epoch, index of the next batch, example indices) forever, from a position; each epoch reshuffled by seed."""
+    lengths = [len(e.input_ids) for e in encoded.examples]
+    while True:
+        order = batch_order(lengths, cfg.batch_size, cfg.seed, epoch)
+        for i in range(index, len(order)):
+            yield epoch, i + 1, order[i]
+        epoch, index = epoch + 1, 0
+
+
+class StopFlag:
+    """First Ctrl-C asks the loop to stop after the current step (and checkpoint); a second one aborts."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> StopFlag:
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: leave Ctrl-C alone
+            self._previous = None
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+class MetricsLog:
+    """metrics.jsonl, one JSON object per line; on resume, lines after the checkpoint's step are dropped."""
+
+    def __init__(self, path: Path, resume_step: int | None) -> None:
+        self.path = path
+        self.records: list[dict[str, Any]] = []
+        if resume_step is not None and path.is_file():
+            for line in path.read_text().splitlines():
+                record = json.loads(line)
+                if record.get("step", 0) <= resume_step:
+                    self.records.append(record)
+            write_atomic(path, "".join(json.dumps(r) + "\n" for r in self.records))
+        elif path.exists():
+            path.unlink()
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def plot_losses(records: list[dict[str, Any]], path: Path) -> None:
+    """loss.png: training loss per step and evaluation loss where measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train loss", linewidth=1)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def train(cfg: TrainConfig, console: Any = None) -> TrainResult:
+    """Fine-tune LoRA adapters as `cfg` says; writes the run folder and returns what happened.
+
+    Raises:
+        LorakitError: bad input (before anything loads), a non-finite loss (exit code 1, the last good
+            checkpoint kept), or Ctrl-C (a checkpoint is saved first; exit code 130).
+    """
+    from rich.console import Console
+
+    console = console or Console(stderr=True)
+    started = time.perf_counter()
+    cfg = with_demo_data(cfg)
+    out = prepare_run_dir(cfg)
+
+    # Data: read and checked before the model loads.
+    rows = read_rows(data_spec(cfg, cfg.data, cfg.split, cfg.limit), task=cfg.task)
+    eval_rows = None
+    if cfg.eval_data:
+        eval_rows = read_rows(data_spec(cfg, cfg.eval_data, cfg.eval_split, cfg.eval_limit), task=cfg.task)
+    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    if tokenizer is None:
+        raise LorakitError(f"{cfg.model or PACKAGED}: no tokenizer found with the model")
+    spec = data_spec(cfg, cfg.data, cfg.split, cfg.limit)
+    encoded = encode(rows, tokenizer, cfg.max_length, spec)
+    eval_encoded = encode(eval_rows, tokenizer, cfg.max_length, spec) if eval_rows is not None else None
+    pad_id = pad_id_of(tokenizer)
+    console.print(
+        f"data: {len(encoded.examples)} examples ({rows.format}) from {cfg.data}"
+        + (f"; {encoded.truncated} truncated to {cfg.max_length} tokens" if encoded.truncated else "")
+        + (f"; {encoded.dropped} dropped (nothing left to learn after truncation)" if encoded.dropped else "")
+    )
+
+    # Model and LoRA layers.
+    num_labels = cfg.num_labels
+    if cfg.task == "classification" and num_labels is None:
+        num_labels = len(getattr(rows, "label_names", None) or {e.labels[0] for e in encoded.examples})
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_base(  # the frozen base in the compute precision; LoRA parameters stay fp32
+        cfg.model, dtype=cfg.precision, task=cfg.task, trust_remote_code=cfg.trust_remote_code, num_labels=num_labels
+    )
+    torch.manual_seed(cfg.seed)  # A's Kaiming init
+    add_lora(model, cfg.targets, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, layers=cfg.layers)
+    model.to(device)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    if not cfg.base_dropout:
+        base_dropout_off(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    trainable = sum(p.numel() for p in params)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    autocast = autocast_for(cfg.precision, device)
+
+    batches_per_epoch = math.ceil(len(encoded.examples) / cfg.batch_size)
+    steps_per_epoch = max(1, math.ceil(batches_per_epoch / cfg.grad_accum))
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    console.print(
+        f"model: {cfg.model or PACKAGED}; LoRA r={cfg.rank} alpha={cfg.alpha:g} on {cfg.targets}: "
+        f"{trainable:,} trainable of {trainable + frozen:,} parameters; {total} steps of "
+        f"{cfg.batch_size}x{cfg.grad_accum} examples on {device.type}"
+    )
+
+    # Resume: adapter, optimizer, RNG and data position from the latest checkpoint.
+    step, epoch, index, resumed_from, first_eval = 0, 0, 0, None, None
+    checkpoint_path = latest_checkpoint(out) if cfg.resume else None
+    if checkpoint_path is not None:
+        ckpt = load_checkpoint(checkpoint_path)
+        apply_adapter(model, ckpt.adapter)
+        load_optimizer(optimizer, ckpt.optimizer, ckpt.state["adam_steps"])
+        set_rng_state(ckpt.optimizer)
+        scaler_state = ckpt.state.get("scaler")
+        if scaler_state:
+            scaler.load_state_dict(scaler_state)
+        if ckpt.state.get("data") != encoded.fingerprint():
+            raise LorakitError(
+                f"{checkpoint_path}: the training data, tokenizer or --max-length differ from the run being resumed"
+            )
+        step, epoch, index = ckpt.step, ckpt.state["epoch"], ckpt.state["batch"]
+        first_eval = ckpt.state.get("first_eval_loss")
+        resumed_from = step
+        console.print(f"resumed from {checkpoint_path} (step {step})")
+    write_atomic(out / "config.yaml", to_yaml(cfg))
+    log = MetricsLog(out / "metrics.jsonl", resumed_from)
+
+    def evaluate_now() -> float | None:
+        if eval_encoded is None:
+            return None
+        result = dataset_loss(
+            model, eval_encoded.examples, cfg.batch_size, pad_id, cfg.task, cfg.eval_batches, autocast
+        )
+        log.write({"step": step, "eval_loss": result.loss, "eval_perplexity": result.perplexity})
+        return result.loss
+
+    def checkpoint() -> Path:
+        state = {"epoch": epoch, "batch": index, "scaler": scaler.state_dict() if scaler.is_enabled() else None}
+        state.update(first_eval_loss=first_eval, data=encoded.fingerprint())
+        return save_checkpoint(out, step, model, optimizer, state, base_model=cfg.model or PACKAGED)
+
+    if first_eval is None and eval_encoded is not None:
+        first_eval = evaluate_now()  # the base model's loss: the "before" of before/after
+    stream = micro_batches(encoded, cfg, epoch, index)
+    last_loss, eval_loss, tokens_seen, last_checkpoint = None, None, 0, checkpoint_path
+    with StopFlag() as stop, _progress(console, total, step) as progress:
+        while step < total:
+            t0 = time.perf_counter()
+            lr = lr_at(step, total, cfg.warmup_steps, cfg.lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batches = []
+            for _ in range(cfg.grad_accum):
+                epoch, index, ids = next(stream)
+                batches.append(collate([encoded.examples[i] for i in ids], pad_id, cfg.task))
+            n_labels = sum(label_count(b, cfg.task) for b in batches)  # normalize by tokens in the whole step
+            step_loss, step_tokens = 0.0, 0
+            for batch in batches:
+                batch = to_device(batch, device)
+                with autocast():
+                    loss_sum, _ = batch_loss(model, batch, cfg.task, cfg.label_smoothing)
+                scaler.scale(loss_sum / max(n_labels, 1)).backward()
+                step_loss += float(loss_sum.detach())
+                step_tokens += int(batch["attention_mask"].sum())
+            loss_value = step_loss / max(n_labels, 1)
+            if not math.isfinite(loss_value):
+                where = f"; the last good checkpoint is {last_checkpoint}" if last_checkpoint else ""
+                raise LorakitError(f"loss became {loss_value} at step {step + 1}; training stopped{where}", exit_code=1)
+            if cfg.max_grad_norm:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            last_loss = loss_value
+            tokens_seen += step_tokens
+            seconds = time.perf_counter() - t0
+            tokens_per_s = step_tokens / seconds if seconds > 0 else 0.0
+            if step % cfg.log_every == 0 or step == total:
+                log.write(
+                    {
+                        "step": step,
+                        "epoch": round(epoch + index / batches_per_epoch, 4),
+                        "loss": loss_value,
+                        "lr": lr,
+                        "tokens_per_s": round(tokens_per_s, 1),
+                    }
+                )
+            progress.update(step, loss_value, lr, tokens_per_s)
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
+                eval_loss = evaluate_now()
+            if (cfg.save_every and step % cfg.save_every == 0) or stop.requested:
+                last_checkpoint = checkpoint()
+            if stop.requested:
+                raise LorakitError(
+                    f"interrupted at step {step}; checkpoint saved in {last_checkpoint}; continue with --resume "
+                    f"--out {out}",
+                    exit_code=130,
+                )
+    if eval_encoded is not None:
+        eval_loss = evaluate_now()
+    if last_checkpoint is None or last_checkpoint.name != f"step-{step:06d}":
+        last_checkpoint = checkpoint()
+    adapter = save_adapter(
+        model,
+        out / "adapter.safetensors",
+        base_model=cfg.model or PACKAGED,
+        extra={"train_config": json.dumps(asdict(cfg))},
+    )
+    plot_losses(log.records, out / "loss.png")
+    changed = any(bool(b.detach().abs().sum() > 0) for _, layer in lora_layers(model) for b in layer.lora_B)
+    if not changed:
+        console.print(
+            "[bold red]warning: the LoRA B matrices are still all zero: training changed nothing "
+            "(learning rate 0, no steps, or no label tokens?)[/]"
+        )
+    return TrainResult(
+        out=out,
+        adapter=adapter,
+        steps=step,
+        trainable_params=trainable,
+        frozen_params=frozen,
+        adapter_bytes=adapter.stat().st_size,
+        seconds=time.perf_counter() - started,
+        tokens=tokens_seen,
+        train_loss=last_loss,
+        eval_loss=eval_loss,
+        first_eval_loss=first_eval,
+        truncated=encoded.truncated,
+        dropped=encoded.dropped,
+        resumed_from=resumed_from,
+        lora_changed=changed,
+    )
+
+
+class _Progress:
+    """A rich progress bar: step, loss, learning rate, tokens/s and time left."""
+
+    def __init__(self, console: Any, total: int, start: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("step"),
+            MofNCompleteColumn(),
+            BarColumn(),
+            TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[tps]} tok/s"),
+            TimeRemainingColumn(),
+            console=console,
+        )
+        self.task = self.progress.add_task("train", total=total, completed=start, loss="-", lr="-", tps="-")
+
+    def update(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
+        self.progress.update(self.task, completed=step, loss=f"{loss:.4f}", lr=f"{lr:.2e}", tps=f"{tokens_per_s:,.0f}")
+
+
+@contextlib.contextmanager
+def _progress(console: Any, total: int, start: int) -> Iterator[_Progress]:
+    bar = _Progress(console, total, start)
+    with bar.progress:
+        yield bar
