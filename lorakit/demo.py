@@ -100,3 +100,30 @@ def write_demo_data(folder: Path, n_train: int = 480, n_eval: int = 48) -> tuple
         write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows(n, seed)))
         paths.append(path)
     return paths[0], paths[1]
+
+
+def before_after_examples(adapter: Path, eval_path: Path, n: int = 2, max_new_tokens: int = 48) -> list[dict[str, str]]:
+    """Greedy generations of the base and of the trained adapter for the first `n` demo eval prompts."""
+    from .adapter import load_adapter
+    from .data import DataSpec, encode, read_rows
+    from .evaluate import GenerateOptions, generate, prompt_groups
+    from .models import load_base, load_tokenizer
+
+    spec = DataSpec(source=str(eval_path), limit=n)
+    tokenizer = load_tokenizer(None)
+    rows = read_rows(spec)
+    groups = prompt_groups(rows, encode(rows, tokenizer, 512, spec), spec.completion_field, tokenizer)
+    model = load_base(None)
+    options = GenerateOptions(max_new_tokens=max_new_tokens, stop="\n")
+    before = generate(model, tokenizer, [g.prompt_ids for g in groups], options)
+    load_adapter(model, adapter)
+    after = generate(model, tokenizer, [g.prompt_ids for g in groups], options)
+    return [
+        {
+            "prompt": g.prompt.splitlines()[1] if "\n" in g.prompt else g.prompt,
+            "reference": g.references[0],
+            "before": b,
+            "after": a,
+        }
+        for g, b, a in zip(groups, before, after)
+    ]
