@@ -169,9 +169,9 @@ def train(
         table.add_row("eval loss before -> after", f"{result.first_eval_loss:.4f} -> {result.eval_loss:.4f}")
     console.print(table)
     if demo:
-        from .demo import before_after_examples
-
         from rich.markup import escape
+
+        from .demo import before_after_examples
 
         console.print("generated (greedy), base model vs. with the adapter:")
         for ex in before_after_examples(result.adapter, Path(cfg.eval_data)):
