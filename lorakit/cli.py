@@ -314,7 +314,9 @@ def merge(
         f"merged {result.modules} modules into {result.base_model} ({result.dtype}); "
         f"probe max |Δlogits| = {result.max_abs_diff:.3g} (tolerance {result.tolerance:.3g})"
     )
-    console.print(f"wrote {result.out}")
+    console.print(
+        f"wrote {result.out}" + ("" if result.tokenizer else " (the base has no tokenizer files; none copied)")
+    )
 
 
 @app.command()

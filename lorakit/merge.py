@@ -35,6 +35,7 @@ class MergeResult:
     modules: int
     max_abs_diff: float
     tolerance: float
+    tokenizer: bool = True
 
 
 def probe_batch(model: nn.Module, batch: int = 2, length: int = 16) -> torch.Tensor:
@@ -112,4 +113,4 @@ def merge_to_folder(
         base.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-    return MergeResult(out, source, dtype_name(saved), n_modules, diff, tolerance)
+    return MergeResult(out, source, dtype_name(saved), n_modules, diff, tolerance, tokenizer is not None)

