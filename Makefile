@@ -28,8 +28,9 @@ setup: $(VENV)/.installed
 test: setup
 	$(PY) -m pytest -q
 
+# The main job: fine-tune the packaged SmolLM2-135M on the built-in demo task, then a before/after evaluation.
 demo: setup
-	$(VENV)/bin/lorakit --version
+	$(VENV)/bin/lorakit train
 
 lint: setup
 	$(VENV)/bin/ruff check lorakit tests
