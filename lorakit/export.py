@@ -185,8 +185,7 @@ def import_peft(
     source = model or config.get("base_model_name_or_path")
     if not source:
         raise LorakitError(
-            f"{peft_dir / CONFIG_NAME}: records no base_model_name_or_path; "
-            "pass --model (a hub id or model folder)"
+            f"{peft_dir / CONFIG_NAME}: records no base_model_name_or_path; pass --model (a hub id or model folder)"
         )
     alphas = {path: _alpha(peft_dir, config, path) for path in pairs}
     dropout = _dropout(peft_dir, config)
@@ -236,9 +235,7 @@ def _check_plain_lora(path: Path, config: dict[str, Any]) -> None:
         if config.get(key):
             raise LorakitError(f"{path}: {key} = {config[key]!r} ({what}); only plain LoRA can be imported")
     if config.get("bias", "none") != "none":
-        raise LorakitError(
-            f"{path}: bias = {config['bias']!r} (trained biases); only bias 'none' can be imported"
-        )
+        raise LorakitError(f"{path}: bias = {config['bias']!r} (trained biases); only bias 'none' can be imported")
     if config.get("modules_to_save"):
         raise LorakitError(
             f"{path}: modules_to_save = {config['modules_to_save']!r}; fully trained modules cannot be held "

@@ -1,34 +1,46 @@
 """Scores for generated text and for classification.
 
 Text metrics follow the E2E set-up: one prediction per unique prompt, scored against all of that
-prompt's references (their number may differ between prompts). Each metric is one function
+prompt's references (their number may differ between prompts), computed as the official E2E script
+(tuetschek/e2e-metrics, run with `-p` as the LoRA paper does) computes them. Each metric is one function
 `(predictions, references) -> float` registered in `TEXT_METRICS`; `text_metrics` checks the inputs
-once and runs the metrics asked for. Scores are on the x100 scale the papers report.
+once and runs the metrics asked for. BLEU, METEOR and ROUGE-L are on the papers' x100 scale; NIST and
+CIDEr on their own. A metric whose tools are missing (METEOR needs Java and `lorakit[e2e]`) raises
+`MetricUnavailable`, which `text_metrics` turns into None and a `MetricWarning` saying why.
 """
 
 from __future__ import annotations
 
 import numbers
-import re
+import warnings
 from collections.abc import Callable
 
+from .coco import MetricUnavailable, MetricWarning
+from .e2e_metrics import cider, meteor, nist
 from .errors import LorakitError
+from .ptb import ptb_tokenize_items
 
 TextMetric = Callable[[list[str], list[list[str]]], float]
 
 ROUGE_BETA = 1.2  # the coco-caption value: recall weighs 1.44 times as much as precision
-
-# A run of word characters, or one character that is neither a word character nor whitespace.
-_TOKEN = re.compile(r"\w+|[^\w\s]")
+# The E2E script's BLEU (its Python port of mteval) does not smooth: a zero n-gram match count only
+# becomes 1e-15 so that the logarithm is defined, which leaves BLEU at practically 0.
+BLEU_ZERO_MATCHES = 1e-15
 
 
 def bleu(predictions: list[str], references: list[list[str]]) -> float:
-    """Corpus BLEU with sacrebleu, set up like mteval-v13a.pl (the E2E challenge's BLEU script).
+    """Corpus BLEU with sacrebleu, set up as the E2E script's BLEU (`measure_scores.py -p`, as in the paper).
 
-    Lowercased (mteval's default), 13a tokenization, and sacrebleu's default "exp" smoothing, which is
-    mteval-v13a's own: a zero n-gram match count counts as 1/2^k matches. References may differ in
-    number per item: sacrebleu wants equal-length reference streams, so shorter lists are padded with
-    None, which sacrebleu drops per segment ('' would count as a real, empty reference).
+    Lowercased, 13a tokenization (mteval-v13a's), clipped counts against all of an item's references,
+    the brevity penalty from the closest reference length (the shorter one on ties), and no smoothing:
+    a zero match count becomes `BLEU_ZERO_MATCHES` (sacrebleu's "floor" method), as in the script's Python
+    port of mteval. (The Perl mteval-v13a, the script's default without `-p`, smooths instead: sacrebleu's
+    "exp"; the two agree whenever every n-gram order has a match.) One deliberate difference: a prediction
+    shorter than n tokens has 0 n-grams here (as in sacrebleu and the Perl script), where the port counts
+    len - n + 1 < 0 and the empty prediction as one token; the scores agree otherwise.
+
+    References may differ in number per item: sacrebleu wants equal-length reference streams, so shorter
+    lists are padded with None, which sacrebleu drops per segment ('' would be a real, empty reference).
 
     Args:
         predictions: one string per item.
@@ -39,7 +51,7 @@ def bleu(predictions: list[str], references: list[list[str]]) -> float:
     """
     from sacrebleu.metrics import BLEU  # ~0.15 s to import: only when BLEU is asked for
 
-    scorer = BLEU(lowercase=True, tokenize="13a", smooth_method="exp")
+    scorer = BLEU(lowercase=True, tokenize="13a", smooth_method="floor", smooth_value=BLEU_ZERO_MATCHES)
     return float(scorer.corpus_score(predictions, reference_streams(references)).score)
 
 
@@ -58,8 +70,8 @@ def rouge_l(predictions: list[str], references: list[list[str]]) -> float:
     references (each maximised on its own) combine into F = (1 + b^2) P R / (R + b^2 P) with b = 1.2.
     The corpus score is the mean over items.
 
-    Tokens come from `tokenize` (lowercase, punctuation split off). The official E2E suite runs the
-    Stanford PTB tokenizer instead, which also drops punctuation, so scores differ slightly from it.
+    Tokens come from `ptb_tokenize` as in coco-caption: the Stanford PTB tokenizer (Java), lowercased,
+    punctuation dropped; without Java or pycocoevalcap, a Python approximation of it (with a MetricWarning).
 
     Args:
         predictions: one string per item.
@@ -68,9 +80,8 @@ def rouge_l(predictions: list[str], references: list[list[str]]) -> float:
     Returns:
         ROUGE-L in [0, 100].
     """
-    scores = [
-        rouge_l_item(tokenize(pred), [tokenize(ref) for ref in refs]) for pred, refs in zip(predictions, references)
-    ]
+    preds, refs = ptb_tokenize_items(predictions, references)
+    scores = [rouge_l_item(pred, item_refs) for pred, item_refs in zip(preds, refs)]
     return 100.0 * sum(scores) / len(scores)
 
 
@@ -97,43 +108,52 @@ def lcs_length(a: list[str], b: list[str]) -> int:
     return previous[-1]
 
 
-def tokenize(text: str) -> list[str]:
-    """Lowercase and split into words and single punctuation marks: "The cat, sat." -> the cat , sat ."""
-    return _TOKEN.findall(text.lower())
-
-
 TEXT_METRICS: dict[str, TextMetric] = {
     "bleu": bleu,
+    "nist": nist,
+    "meteor": meteor,
     "rouge_l": rouge_l,
+    "cider": cider,
+}
+# Names that stand for several metrics in `--metrics`.
+METRIC_GROUPS: dict[str, list[str]] = {
+    "e2e": ["bleu", "nist", "meteor", "rouge_l", "cider"],
 }
 
 
 def parse_metric_names(spec: str) -> list[str]:
     """Parse a comma-separated list of metric names ("bleu,rouge_l"), as given to `--metrics`.
 
+    A group name from `METRIC_GROUPS` stands for its metrics: "e2e" -> bleu, nist, meteor, rouge_l, cider.
+
     Returns:
-        The names in the order given, without duplicates.
+        The names in the order given, groups expanded, without duplicates.
 
     Raises:
-        LorakitError: the list is empty or names a metric not in `TEXT_METRICS`.
+        LorakitError: the list is empty or names a metric not in `TEXT_METRICS` nor `METRIC_GROUPS`.
     """
-    names = list(dict.fromkeys(name.strip().lower() for name in spec.split(",") if name.strip()))
-    if not names:
-        raise LorakitError(f"--metrics {spec!r} names no metric; known: {', '.join(TEXT_METRICS)}")
-    check_metric_names(names)
-    return names
+    given = [name.strip().lower() for name in spec.split(",") if name.strip()]
+    if not given:
+        raise LorakitError(f"--metrics {spec!r} names no metric; known: {known_metric_names()}")
+    check_metric_names([name for name in given if name not in METRIC_GROUPS])
+    return list(dict.fromkeys(member for name in given for member in METRIC_GROUPS.get(name, [name])))
 
 
 def check_metric_names(names: list[str]) -> None:
     """Raise a LorakitError naming the first unknown metric and the known ones."""
     for name in names:
         if name not in TEXT_METRICS:
-            raise LorakitError(f"unknown metric {name!r}; known: {', '.join(TEXT_METRICS)}")
+            raise LorakitError(f"unknown metric {name!r}; known: {known_metric_names()}")
+
+
+def known_metric_names() -> str:
+    """The metric and group names `--metrics` accepts, for messages: "bleu, nist, ..., e2e"."""
+    return ", ".join([*TEXT_METRICS, *METRIC_GROUPS])
 
 
 def text_metrics(
     predictions: list[str], references: list[list[str]], names: list[str] | None = None
-) -> dict[str, float]:
+) -> dict[str, float | None]:
     """Score predictions against their references with the named metrics.
 
     Args:
@@ -142,7 +162,8 @@ def text_metrics(
         names: metrics from `TEXT_METRICS`; None runs them all.
 
     Returns:
-        {metric name: score}, in the order of `names`.
+        {metric name: score}, in the order of `names`; None for a metric that cannot run here, with a
+        `MetricWarning` ("meteor unavailable: java not found on PATH ...") saying why.
 
     Raises:
         LorakitError: an unknown metric, or inputs that cannot be scored (see `check_text_inputs`).
@@ -150,7 +171,16 @@ def text_metrics(
     names = list(TEXT_METRICS) if names is None else names
     check_metric_names(names)
     check_text_inputs(predictions, references)
-    return {name: TEXT_METRICS[name](predictions, references) for name in names}
+    return {name: run_metric(name, predictions, references) for name in names}
+
+
+def run_metric(name: str, predictions: list[str], references: list[list[str]]) -> float | None:
+    """One metric's score, or None with a MetricWarning when it is unavailable here."""
+    try:
+        return TEXT_METRICS[name](predictions, references)
+    except MetricUnavailable as reason:
+        warnings.warn(f"{name} unavailable: {reason}", MetricWarning, stacklevel=3)
+        return None
 
 
 def check_text_inputs(predictions: list[str], references: list[list[str]]) -> None:

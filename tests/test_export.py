@@ -216,7 +216,11 @@ def write_peft(folder: Path, base: Path | None = None, tensors: dict | None = No
     """A hand-made PEFT folder for the tiny Llama: one q_proj adapter unless `tensors` says otherwise."""
     folder.mkdir(parents=True, exist_ok=True)
     cfg = {
-        "peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], "bias": "none",
+        "peft_type": "LORA",
+        "r": 2,
+        "lora_alpha": 4,
+        "target_modules": ["q_proj"],
+        "bias": "none",
         "base_model_name_or_path": str(base) if base else None,
     }
     cfg.update(config)
@@ -306,8 +310,10 @@ def test_import_accepts_adapter_name_in_tensor_names(bases, tmp_path):
     "tensors, message",
     [
         (
-            {"model.layers.0.self_attn.nope.lora_A.weight": torch.randn(2, 32),
-             "model.layers.0.self_attn.nope.lora_B.weight": torch.randn(32, 2)},
+            {
+                "model.layers.0.self_attn.nope.lora_A.weight": torch.randn(2, 32),
+                "model.layers.0.self_attn.nope.lora_B.weight": torch.randn(32, 2),
+            },
             "module model.layers.0.self_attn.nope not found in the base model",
         ),
         (

@@ -1,6 +1,7 @@
 import pytest
 from sacrebleu.metrics import BLEU
 
+from lorakit import metrics
 from lorakit.errors import LorakitError
 from lorakit.metrics import (
     TEXT_METRICS,
@@ -9,13 +10,14 @@ from lorakit.metrics import (
     lcs_length,
     parse_metric_names,
     rouge_l,
+    rouge_l_item,
     text_metrics,
-    tokenize,
 )
 
 
 def sacre(predictions, streams, lowercase=True):
-    return BLEU(lowercase=lowercase, tokenize="13a").corpus_score(predictions, streams).score
+    # Unsmoothed: equal to the E2E script's BLEU whenever every n-gram order has a match, as in these tests.
+    return BLEU(lowercase=lowercase, tokenize="13a", smooth_method="none").corpus_score(predictions, streams).score
 
 
 # ----- BLEU -----
@@ -68,17 +70,23 @@ def test_bleu_is_lowercased():
     assert sacre(preds, [["the cat sat on the mat"]], lowercase=False) < 100.0
 
 
-def test_bleu_smooths_a_missing_4gram_match_like_mteval():
-    # 1-grams 3/4, 2-grams 2/3, 3-grams 1/2, 4-grams 0/1 -> mteval smoothing: 1 / (2 * 1); equal lengths: BP = 1.
-    expected = 100 * (3 / 4 * 2 / 3 * 1 / 2 * 1 / 2) ** 0.25
+def test_bleu_does_not_smooth_a_missing_4gram_match_like_the_e2e_script():
+    # 1-grams 3/4, 2-grams 2/3, 3-grams 1/2, 4-grams 0/1 -> the script's port of mteval floors 0 matches at
+    # 1e-15 (the Perl mteval would smooth to 1/2 and give ~45); equal lengths: BP = 1.
+    expected = 100 * (3 / 4 * 2 / 3 * 1 / 2 * 1e-15) ** 0.25
     assert bleu(["the cat sat down"], [["the cat sat up"]]) == pytest.approx(expected)
+    assert bleu(["the cat sat down"], [["the cat sat up"]]) < 0.02
+
+
+def test_bleu_brevity_penalty_uses_the_closest_reference_length():
+    # 4 tokens; references of 6 and 3 tokens: the closest length is 3 (|4 - 3| < |4 - 6|), below 4, so BP = 1.
+    assert bleu(["a b c d"], [["a b c d e f", "a b c"]]) == pytest.approx(
+        sacre(["a b c d"], [["a b c d e f"], ["a b c"]])
+    )
+    assert bleu(["a b c d"], [["a b c d e f", "a b c"]]) == pytest.approx(100.0)
 
 
 # ----- ROUGE-L -----
-
-
-def test_tokenize_splits_punctuation_and_lowercases():
-    assert tokenize("The cat, sat.  On  it!") == ["the", "cat", ",", "sat", ".", "on", "it", "!"]
 
 
 def test_lcs_length():
@@ -88,37 +96,51 @@ def test_lcs_length():
 
 def test_rouge_l_equal_precision_and_recall():
     # LCS "the cat on the mat" = 5 of 6 tokens each side: P = R = 5/6, so F = 5/6.
-    assert rouge_l(["the cat sat on the mat"], [["the cat is on the mat"]]) == pytest.approx(100 * 5 / 6)
+    assert rouge_l_item("the cat sat on the mat".split(), ["the cat is on the mat".split()]) == pytest.approx(5 / 6)
 
 
 def test_rouge_l_precision_differs_from_recall():
     # LCS 3; P = 3/3 = 1, R = 3/6 = 0.5; F = 2.44 * 1 * 0.5 / (0.5 + 1.44 * 1) = 1.22 / 1.94.
-    assert rouge_l(["the cat sat"], [["the cat sat on the mat"]]) == pytest.approx(100 * 1.22 / 1.94)
+    assert rouge_l_item("the cat sat".split(), ["the cat sat on the mat".split()]) == pytest.approx(1.22 / 1.94)
 
 
 def test_rouge_l_takes_best_precision_and_best_recall_separately():
     # Ref 1: LCS 2 -> P = 2/4, R = 2/2. Ref 2: LCS 4 -> P = 4/4, R = 4/8. Max P = 1 and max R = 1 -> F = 1.
-    assert rouge_l(["a b c d"], [["a b", "a b c d e f g h"]]) == pytest.approx(100.0)
+    assert rouge_l_item(list("abcd"), [list("ab"), list("abcdefgh")]) == pytest.approx(1.0)
 
 
-def test_rouge_l_is_the_mean_over_items_and_ignores_case_and_punctuation_spacing():
-    preds = ["The cat sat.", "nothing alike"]
-    refs = [["the cat sat ."], ["the cat sat on the mat"]]
-    assert rouge_l(preds, refs) == pytest.approx(50.0)
+def test_rouge_l_is_the_mean_over_items_on_ptb_tokens_without_case_or_punctuation():
+    preds = ["The cat sat.", "nothing alike", "The cat sat on the mat"]
+    refs = [["the cat, sat !"], ["the cat sat on the mat"], ["the cat is on the mat"]]
+    assert rouge_l(preds, refs) == pytest.approx(100 * (1 + 0 + 5 / 6) / 3)
 
 
 def test_rouge_l_empty_prediction_scores_zero():
-    assert rouge_l([""], [["the cat"]]) == 0.0
+    assert rouge_l_item([], [["the", "cat"]]) == 0.0
+    assert rouge_l(["", "..."], [["the cat"], ["a dog"]]) == 0.0
 
 
 # ----- text_metrics and names -----
 
 
-def test_text_metrics_runs_all_or_the_named_ones():
+def test_text_metrics_runs_all_or_the_named_ones(monkeypatch):
     preds, refs = ["the cat sat on the mat"], [["the cat sat on the mat"]]
-    assert text_metrics(preds, refs) == pytest.approx({"bleu": 100.0, "rouge_l": 100.0})
+    assert text_metrics(preds, refs, ["bleu", "rouge_l"]) == pytest.approx({"bleu": 100.0, "rouge_l": 100.0})
     assert list(text_metrics(preds, refs, ["rouge_l"])) == ["rouge_l"]
-    assert set(TEXT_METRICS) >= {"bleu", "rouge_l"}
+    assert list(TEXT_METRICS) == ["bleu", "nist", "meteor", "rouge_l", "cider"]
+    for k, name in enumerate(TEXT_METRICS):  # stand-ins: the real METEOR takes ~10 s to start
+        monkeypatch.setitem(TEXT_METRICS, name, lambda p, r, k=k: float(k))
+    assert text_metrics(preds, refs) == {"bleu": 0.0, "nist": 1.0, "meteor": 2.0, "rouge_l": 3.0, "cider": 4.0}
+
+
+def test_text_metrics_reports_an_unavailable_metric_as_none_with_a_warning(monkeypatch):
+    def missing(predictions, references):
+        raise metrics.MetricUnavailable("java not found on PATH")
+
+    monkeypatch.setitem(TEXT_METRICS, "meteor", missing)
+    with pytest.warns(metrics.MetricWarning, match="^meteor unavailable: java not found on PATH$"):
+        scores = text_metrics(["the cat sat on the mat"], [["the cat sat on the mat"]], ["meteor", "bleu"])
+    assert scores["meteor"] is None and scores["bleu"] == pytest.approx(100.0)
 
 
 @pytest.mark.parametrize(
@@ -139,20 +161,24 @@ def test_text_metrics_rejects_bad_input(predictions, references, message):
 
 
 def test_text_metrics_rejects_unknown_metric():
-    with pytest.raises(LorakitError, match="unknown metric 'meteor'; known: bleu, rouge_l"):
-        text_metrics(["a"], [["a"]], ["bleu", "meteor"])
+    with pytest.raises(LorakitError, match="unknown metric 'spice'; known: bleu, nist, meteor, rouge_l, cider, e2e"):
+        text_metrics(["a"], [["a"]], ["bleu", "spice"])
 
 
 def test_parse_metric_names():
     assert parse_metric_names("bleu") == ["bleu"]
     assert parse_metric_names(" BLEU, rouge_l,bleu ,") == ["bleu", "rouge_l"]
+    assert parse_metric_names("e2e") == ["bleu", "nist", "meteor", "rouge_l", "cider"]
+    assert parse_metric_names("cider,e2e") == ["cider", "bleu", "nist", "meteor", "rouge_l"]
 
 
-@pytest.mark.parametrize(("spec", "message"), [("", "names no metric"), (" , ", "names no metric"), ("e2e", "'e2e'")])
+@pytest.mark.parametrize(
+    ("spec", "message"), [("", "names no metric"), (" , ", "names no metric"), ("e2e,bleurt", "'bleurt'")]
+)
 def test_parse_metric_names_rejects(spec, message):
     with pytest.raises(LorakitError, match=message) as info:
         parse_metric_names(spec)
-    assert "known: bleu, rouge_l" in str(info.value)
+    assert "known: bleu, nist, meteor, rouge_l, cider, e2e" in str(info.value)
 
 
 # ----- classification -----
