@@ -5,6 +5,7 @@ torch and transformers are imported inside the commands, so `lorakit --help` sta
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
@@ -197,7 +198,10 @@ def eval_(
     length_penalty: Annotated[float, typer.Option(help="Beam search length penalty.")] = 1.0,
     no_repeat_ngram_size: Annotated[int, typer.Option(help="Forbid repeating n-grams of this size.")] = 0,
     max_new_tokens: Annotated[int, typer.Option(help="Most tokens generated per prompt.")] = 64,
-    metrics: Annotated[str, typer.Option(help="Text metrics, comma-separated.")] = "bleu,rouge_l",
+    metrics: Annotated[
+        str,
+        typer.Option(help="Text metrics, comma-separated (bleu, nist, meteor, rouge_l, cider), or e2e for all five."),
+    ] = "bleu,rouge_l",
     predictions: Annotated[Path | None, typer.Option(help="Rescore a predictions JSONL file; no model.")] = None,
     out: Annotated[Path, typer.Option(help="Folder for predictions files (with --generate).")] = Path("predictions"),
     batch_size: Annotated[int, typer.Option(help="Examples per batch.")] = 8,
@@ -223,7 +227,8 @@ def eval_(
         from .evaluate import read_predictions
 
         preds, refs = read_predictions(predictions)
-        scores = text_metrics(preds, refs, names)
+        with _metric_notes():
+            scores = text_metrics(preds, refs, names)
         report = {"results": [{"name": str(predictions), **scores}]}
         _print_results(report, as_json)
         return
@@ -255,19 +260,45 @@ def eval_(
             no_repeat_ngram_size=no_repeat_ngram_size,
             batch_size=batch_size,
         )
-    results = evaluate_adapters(
-        list(adapters or []),
-        spec,
-        model=model,
-        task=task,
-        max_length=max_length,
-        batch_size=batch_size,
-        generate_options=options,
-        metric_names=names,
-        predictions_dir=out if generate else None,
-        trust_remote_code=trust_remote_code,
-    )
+    with _metric_notes():
+        results = evaluate_adapters(
+            list(adapters or []),
+            spec,
+            model=model,
+            task=task,
+            max_length=max_length,
+            batch_size=batch_size,
+            generate_options=options,
+            metric_names=names,
+            predictions_dir=out if generate else None,
+            trust_remote_code=trust_remote_code,
+        )
     _print_results({"results": [r.to_json() for r in results]}, as_json)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:.4f}"
+
+
+@contextlib.contextmanager
+def _metric_notes() -> Any:
+    """Metric warnings (e.g. METEOR unavailable without Java) as one `note: ...` line each on stderr."""
+    import warnings
+
+    from .metrics import MetricWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", MetricWarning)
+        yield
+    for w in caught:
+        if issubclass(w.category, MetricWarning):
+            typer.echo(f"note: {w.message}", err=True)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
 
 def _print_results(report: dict[str, Any], as_json: bool) -> None:
@@ -283,7 +314,7 @@ def _print_results(report: dict[str, Any], as_json: bool) -> None:
     for k in keys:
         table.add_column(k, justify="right")
     for r in rows:
-        cells = [f"{r[k]:,}" if isinstance(r[k], int) else f"{r[k]:.4f}" for k in keys]
+        cells = [_cell(r.get(k)) for k in keys]
         table.add_row(r["name"], *cells)
     _console().print(table)
     for r in rows:
