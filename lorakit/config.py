@@ -6,6 +6,7 @@ collected and reported together, naming the file and the key.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import os
@@ -142,6 +143,9 @@ def _coerce(name: str, value: Any) -> Any:
     if kind is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 (PyYAML) reads `lr: 2e-4` as the string "2e-4"
+            with contextlib.suppress(ValueError):
+                return float(value)
         raise ValueError(f"expected a number, got {value!r}")
     if kind is str:
         if isinstance(value, str):
@@ -227,9 +231,8 @@ def build_config(
                 values[name] = _coerce(name, value)
             except ValueError as e:
                 problems.append(f"{key}: {e}")
-    if not problems:
-        cfg = TrainConfig(**values)
-        problems = _check_values(cfg)
+    cfg = TrainConfig(**values)  # only the values that passed: the range checks below see every one of them
+    problems += _check_values(cfg)
     if problems:
         raise LorakitError(f"{source}: " + "; ".join(problems))
     return cfg

@@ -97,15 +97,25 @@ class PromptGroup:
     references: list[str]
 
 
-def prompt_groups(rows: Rows, encoded: Encoded, completion_field: str, tokenizer: Any) -> list[PromptGroup]:
-    """Unique prompts of prompt/completion data, in first-seen order, with all their references."""
+def prompt_groups(
+    rows: Rows, encoded: Encoded, completion_field: str, tokenizer: Any, completion_template: str | None = None
+) -> list[PromptGroup]:
+    """Unique prompts of prompt/completion data, in first-seen order, with all their references.
+
+    A reference is the row's whole completion text (also when its tokens were truncated), filled into
+    `completion_template` when one is given, with `{eos}` and `{bos}` left out.
+    """
     if encoded.format != "prompt_completion":
         raise LorakitError(f"--generate needs prompt/completion rows; {rows.source} holds {encoded.format} rows")
     groups: dict[tuple[int, ...], PromptGroup] = {}
     for e in encoded.examples:
         start = next(i for i, label in enumerate(e.labels) if label != IGNORE)  # first completion token
         key = tuple(e.input_ids[:start])
-        reference = str(rows.rows[e.row][completion_field]).strip()
+        row = rows.rows[e.row]
+        if completion_template is None:
+            reference = str(row[completion_field]).strip()
+        else:  # encode() filled this template already, so it cannot fail here
+            reference = completion_template.format_map({**row, "eos": "", "bos": ""}).strip()
         if key not in groups:
             text = tokenizer.decode(list(key), skip_special_tokens=True)
             groups[key] = PromptGroup(text, list(key), [])
@@ -232,7 +242,7 @@ def score_model(
         labels = [e.labels[0] for e in encoded.examples]
         scores.metrics = classification_metrics(predicted, labels, max(encoded.num_labels or 2, 2))
     elif generate_options is not None:
-        groups = prompt_groups(rows, encoded, spec.completion_field, tokenizer)
+        groups = prompt_groups(rows, encoded, spec.completion_field, tokenizer, spec.completion_template)
         predictions = generate(model, tokenizer, [g.prompt_ids for g in groups], generate_options)
         scores.metrics = text_metrics(predictions, [g.references for g in groups], metric_names)
         if predictions_dir is not None:

@@ -1,8 +1,9 @@
 """`lorakit train`: one readable training loop, `train(config) -> TrainResult`.
 
-Order of work: run folder, data (read and checked before any model loads), tokenizer, model, LoRA layers,
-optimizer, optional resume, then the loop: micro-batches -> loss summed over label tokens / tokens in the
-step -> backward -> (clip) -> AdamW step at lr_at(step) -> log, evaluate, checkpoint.
+Order of work: run folder checked, data (read and checked before any model loads), tokenizer, model, LoRA
+layers, optimizer; only then is the run folder written (emptied first with --overwrite); optional resume, then
+the loop: micro-batches -> loss summed over label tokens / tokens in the step -> backward -> (clip) -> AdamW
+step at lr_at(step) -> log, evaluate, checkpoint.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import shutil
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -63,8 +64,8 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
     return peak * max(0.0, (total - step) / max(1, total - warmup))
 
 
-def prepare_run_dir(cfg: TrainConfig) -> Path:
-    """The run folder; an existing non-empty one only with --resume or --overwrite."""
+def check_run_dir(cfg: TrainConfig) -> Path:
+    """The run folder, checked but not touched: an existing non-empty one only with --resume or --overwrite."""
     out = Path(cfg.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
     busy = out.is_dir() and any(out.iterdir())
     if out.exists() and not out.is_dir():
@@ -74,10 +75,14 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
             raise LorakitError(f"{out}: no checkpoint to resume from (expected {out}/checkpoints/latest)")
     elif busy and not cfg.overwrite:
         raise LorakitError(f"{out}: run folder exists and is not empty; pass --resume to continue it or --overwrite")
-    elif busy:
+    return out
+
+
+def start_run_dir(out: Path, cfg: TrainConfig) -> None:
+    """Create the run folder (emptied with --overwrite); called once data and model have loaded without error."""
+    if cfg.overwrite and not cfg.resume and out.is_dir():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    return out
 
 
 def with_demo_data(cfg: TrainConfig) -> TrainConfig:
@@ -228,13 +233,14 @@ def train(cfg: TrainConfig, console: Any = None) -> TrainResult:
     console = console or Console(stderr=True)
     started = time.perf_counter()
     cfg = with_demo_data(cfg)
-    out = prepare_run_dir(cfg)
+    out = check_run_dir(cfg)
 
     # Data: read and checked before the model loads.
     rows = read_rows(data_spec(cfg, cfg.data, cfg.split, cfg.limit), task=cfg.task)
     eval_rows = None
     if cfg.eval_data:
-        eval_rows = read_rows(data_spec(cfg, cfg.eval_data, cfg.eval_split, cfg.eval_limit), task=cfg.task)
+        eval_spec = data_spec(cfg, cfg.eval_data, cfg.eval_split, cfg.eval_limit)
+        eval_rows = read_rows(eval_spec, task=cfg.task, label_names=rows.label_names)  # the training label ids
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     if tokenizer is None:
         raise LorakitError(f"{cfg.model or PACKAGED}: no tokenizer found with the model")
@@ -251,7 +257,9 @@ def train(cfg: TrainConfig, console: Any = None) -> TrainResult:
     # Model and LoRA layers.
     num_labels = cfg.num_labels
     if cfg.task == "classification" and num_labels is None:
-        num_labels = len(getattr(rows, "label_names", None) or {e.labels[0] for e in encoded.examples})
+        num_labels = rows.num_labels  # from the label ids or names; a class with no row still counts
+    elif cfg.task == "classification" and num_labels < rows.num_labels:
+        raise LorakitError(f"--num-labels {num_labels}: {cfg.data} has {rows.num_labels} classes")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_base(  # the frozen base in the compute precision; LoRA parameters stay fp32
         cfg.model, dtype=cfg.precision, task=cfg.task, trust_remote_code=cfg.trust_remote_code, num_labels=num_labels
@@ -283,6 +291,7 @@ def train(cfg: TrainConfig, console: Any = None) -> TrainResult:
     )
 
     # Resume: adapter, optimizer, RNG and data position from the latest checkpoint.
+    start_run_dir(out, cfg)
     step, epoch, index, resumed_from, first_eval = 0, 0, 0, None, None
     checkpoint_path = latest_checkpoint(out) if cfg.resume else None
     if checkpoint_path is not None:
@@ -301,7 +310,8 @@ def train(cfg: TrainConfig, console: Any = None) -> TrainResult:
         first_eval = ckpt.state.get("first_eval_loss")
         resumed_from = step
         console.print(f"resumed from {checkpoint_path} (step {step})")
-    write_atomic(out / "config.yaml", to_yaml(cfg))
+    # resume/overwrite act on this invocation; saved as false, config.yaml reused as a recipe never deletes a run.
+    write_atomic(out / "config.yaml", to_yaml(replace(cfg, resume=False, overwrite=False)))
     log = MetricsLog(out / "metrics.jsonl", resumed_from)
 
     def evaluate_now() -> float | None:
