@@ -5,7 +5,10 @@ Layout of `adapter.safetensors`:
   a fused projection (GPT-2 `transformer.h.0.attn.c_attn.q.lora_A`), all fp32;
 - string metadata: `format`, `format_version`, `lorakit_version`, `rank`, `alpha`, `dropout`, `targets`,
   `base_model`, `base_class`, `base_fingerprint`, `base_dtype` and `modules` (JSON, one object per adapted
-  module with its shape, slices, rank, alpha and the fingerprint of its base weight).
+  module with its shape, slices, rank, alpha and the fingerprint of its base weight);
+- a new task head trained in full next to the adapter (e.g. the classifier of a sequence-classification
+  model, which the base checkpoint does not have) is stored as its parameters under their own names
+  (`classifier.weight`), listed in the metadata key `trained_params` (JSON: name -> shape).
 Nothing is ever unpickled: safetensors holds raw tensors only.
 """
 
@@ -107,6 +110,11 @@ class Adapter:
     def trainable_params(self) -> int:
         return sum(t.numel() for t in self.tensors.values())
 
+    @property
+    def trained_params(self) -> dict[str, tuple[int, ...]]:
+        """Fully trained (non-LoRA) parameters stored in the file: name -> shape."""
+        return {k: tuple(v) for k, v in json.loads(self.metadata.get("trained_params", "{}")).items()}
+
 
 def _module_info(path: str, layer: LoRALayer) -> ModuleInfo:
     digest, sketch = layer.base_fingerprint()
@@ -137,7 +145,14 @@ def adapter_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[Modul
             tensors[f"{name}.lora_B"] = b.detach().float().cpu().contiguous()
     if not modules:
         raise LorakitError("model has no LoRA layers to save; call add_lora first")
+    for name, param in trained_params(model).items():
+        tensors[name] = param.detach().float().cpu().contiguous()
     return tensors, modules
+
+
+def trained_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters outside the LoRA layers that require gradients (e.g. a new classification head)."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n}
 
 
 def build_metadata(
@@ -145,7 +160,6 @@ def build_metadata(
 ) -> dict[str, str]:
     """The file's string metadata."""
     config = getattr(model, "config", None)
-    archs = getattr(config, "architectures", None) or [type(model).__name__]
     first = modules[0]
     meta = {
         "format": FORMAT,
@@ -156,11 +170,16 @@ def build_metadata(
         "dropout": f"{first.dropout:g}",
         "targets": str(getattr(model, "lorakit_targets", "") or ""),
         "base_model": str(base_model or getattr(config, "_name_or_path", "") or ""),
-        "base_class": str(archs[0]),
+        "base_class": type(model).__name__,  # the class it was trained with (its head), not the checkpoint's
         "base_fingerprint": combine_digests({m.path: m.digest for m in modules}),
         "base_dtype": first.dtype,
         "modules": json.dumps([m.to_json() for m in modules], separators=(",", ":")),
     }
+    heads = {n: list(p.shape) for n, p in trained_params(model).items()}
+    if heads:
+        meta["trained_params"] = json.dumps(heads, separators=(",", ":"))
+        if getattr(config, "num_labels", None) is not None:
+            meta["num_labels"] = str(config.num_labels)
     meta.update(extra or {})
     return meta
 
@@ -206,6 +225,7 @@ def read_adapter(path: str | os.PathLike) -> Adapter:
         version = int(metadata["format_version"])
         modules = [ModuleInfo.from_json(m) for m in json.loads(metadata["modules"])]
         int(metadata["rank"]), float(metadata["alpha"])
+        heads = {str(k): tuple(int(x) for x in v) for k, v in json.loads(metadata.get("trained_params", "{}")).items()}
     except (KeyError, ValueError, TypeError) as e:
         raise LorakitError(f"{path}: corrupt adapter metadata ({type(e).__name__}: {e})") from None
     if version > FORMAT_VERSION:
@@ -213,12 +233,14 @@ def read_adapter(path: str | os.PathLike) -> Adapter:
             f"{path}: adapter format version {version} is newer than this lorakit supports "
             f"({FORMAT_VERSION}); upgrade lorakit"
         )
-    _check_tensors(path, modules, tensors)
+    _check_tensors(path, modules, tensors, heads)
     return Adapter(path, metadata, modules, tensors)
 
 
-def _check_tensors(path: Path, modules: list[ModuleInfo], tensors: dict[str, torch.Tensor]) -> None:
-    expected: dict[str, tuple[int, int]] = {}
+def _check_tensors(
+    path: Path, modules: list[ModuleInfo], tensors: dict[str, torch.Tensor], heads: dict[str, tuple[int, ...]]
+) -> None:
+    expected: dict[str, tuple[int, ...]] = dict(heads)
     for m in modules:
         for name, out in zip(m.names, m.out_sizes):
             expected[f"{name}.lora_A"] = (m.rank, m.in_features)
@@ -293,6 +315,14 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, verify_base: bool = 
 def apply_adapter(model: nn.Module, adapter: Adapter, verify_base: bool = True) -> list[str]:
     """load_adapter for an Adapter already in memory."""
     existing = dict(lora_layers(model))
+    params = dict(model.named_parameters())
+    for name, shape in adapter.trained_params.items():
+        if name not in params or tuple(params[name].shape) != shape:
+            found = tuple(params[name].shape) if name in params else "absent"
+            raise LorakitError(
+                f"{adapter.path}: holds a trained {name} of shape {shape}; this model's is {found} "
+                "(another task head or number of labels?)"
+            )
     wrapped_here = False
     if not existing:
         targets = []
@@ -346,6 +376,8 @@ def apply_adapter(model: nn.Module, adapter: Adapter, verify_base: bool = True) 
                 a.copy_(adapter.tensors[f"{name}.lora_A"])
                 b.copy_(adapter.tensors[f"{name}.lora_B"])
                 names.append(name)
+        for name in adapter.trained_params:  # a trained head replaces the base's (randomly initialized) one
+            params[name].copy_(adapter.tensors[name])
     return names
 
 

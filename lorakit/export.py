@@ -70,6 +70,11 @@ def export_peft(adapter: str | os.PathLike, out: str | os.PathLike, overwrite: b
     from safetensors.torch import save_file
 
     source = read_adapter(adapter)
+    if source.trained_params:
+        raise LorakitError(
+            f"{adapter}: holds a fully trained head ({', '.join(source.trained_params)}); exporting it to PEFT "
+            "(modules_to_save) is not supported yet; use `lorakit merge` for a standalone model"
+        )
     tensors: dict[str, Tensor] = {}
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}

@@ -84,7 +84,8 @@ def merge_to_folder(
     source = model or loaded.base_model
     if not source:
         raise LorakitError(f"{adapter}: the adapter records no base model; pass --model")
-    base = load_base(source)
+    labels = loaded.metadata.get("num_labels")
+    base = load_base(source, model_class=loaded.metadata.get("base_class"), num_labels=int(labels) if labels else None)
     apply_adapter(base, loaded)  # checks the base fingerprint
     loaded_dtype = next(base.parameters()).dtype
     ids = probe_batch(base)

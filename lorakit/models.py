@@ -49,9 +49,14 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _model_class(config: Any, task: str | None) -> Any:
+def _model_class(config: Any, task: str | None, model_class: str | None = None) -> Any:
     import transformers
 
+    if model_class:
+        cls = getattr(transformers, model_class, None)
+        if cls is None or not hasattr(cls, "from_pretrained"):
+            raise LorakitError(f"unknown model class {model_class!r} (not in transformers {transformers.__version__})")
+        return cls
     if task == "classification":
         return transformers.AutoModelForSequenceClassification
     if task == "causal-lm":
@@ -119,6 +124,7 @@ def load_base(
     task: str | None = None,
     trust_remote_code: bool = False,
     num_labels: int | None = None,
+    model_class: str | None = None,
 ) -> nn.Module:
     """Load a pretrained model in eval mode.
 
@@ -129,6 +135,7 @@ def load_base(
         task: None (the class named in the config), `causal-lm` or `classification`.
         trust_remote_code: allow custom model code from the hub (off unless asked for).
         num_labels: classes of a new classification head.
+        model_class: a transformers class name to load with (what an adapter records as `base_class`).
     """
     from transformers import AutoConfig
 
@@ -142,12 +149,16 @@ def load_base(
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
         if num_labels is not None:
             config.num_labels = num_labels
-        cls = _model_class(config, task)
-        model = cls.from_pretrained(source, config=config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        cls = _model_class(config, task, model_class)
+        model, info = cls.from_pretrained(
+            source, config=config, dtype=torch_dtype, trust_remote_code=trust_remote_code, output_loading_info=True
+        )
     except OSError as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise LorakitError(f"cannot load model {source!r}: {first}") from None
     model.eval()
+    # Parameters the checkpoint did not have (e.g. a new classification head), initialized at random.
+    model.lorakit_new_params = sorted(info.get("missing_keys") or [])
     if name is None or name == PACKAGED:
         model.config._name_or_path = PACKAGED  # what adapters record, so merge finds the same base again
     return model

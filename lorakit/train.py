@@ -261,11 +261,17 @@ def train(cfg: TrainConfig, console: Any = None) -> TrainResult:
     elif cfg.task == "classification" and num_labels < rows.num_labels:
         raise LorakitError(f"--num-labels {num_labels}: {cfg.data} has {rows.num_labels} classes")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(cfg.seed)  # a new head's and A's initialization
     model = load_base(  # the frozen base in the compute precision; LoRA parameters stay fp32
         cfg.model, dtype=cfg.precision, task=cfg.task, trust_remote_code=cfg.trust_remote_code, num_labels=num_labels
     )
-    torch.manual_seed(cfg.seed)  # A's Kaiming init
     add_lora(model, cfg.targets, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, layers=cfg.layers)
+    if cfg.task == "classification":
+        # The new head is trained in full next to LoRA (as in the paper's GLUE runs) and saved in the adapter.
+        new = set(getattr(model, "lorakit_new_params", []))
+        for name, param in model.named_parameters():
+            if name in new:
+                param.requires_grad_(True)
     model.to(device)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -212,3 +212,28 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         write_atomic(path, b"new")
     assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["a.bin"]
+
+
+def test_trained_head_is_saved_loaded_and_checked(tmp_path):
+    from tiny import tiny_bert
+
+    from lorakit.export import export_peft
+
+    model = tiny_bert(num_labels=3)
+    lorakit.add_lora(model, "q,v")
+    randomize_lora(model)
+    with torch.no_grad():
+        model.classifier.weight.normal_()
+    model.classifier.requires_grad_(True)  # a new head, trained in full
+    path = lorakit.save_adapter(model, tmp_path / "a.safetensors")
+    adapter = read_adapter(path)
+    assert adapter.trained_params == {"classifier.weight": (3, 32), "classifier.bias": (3,)}
+    assert adapter.metadata["num_labels"] == "3" and adapter.metadata["base_class"] == "BertForSequenceClassification"
+    fresh = tiny_bert(num_labels=3)  # same base weights, another (random) head
+    lorakit.load_adapter(fresh, path)
+    assert torch.equal(fresh.classifier.weight, model.classifier.weight)
+    assert torch.equal(logits(fresh), logits(model))
+    with pytest.raises(lorakit.LorakitError, match="holds a trained classifier.weight of shape"):
+        lorakit.load_adapter(tiny_bert(num_labels=2), path)
+    with pytest.raises(lorakit.LorakitError, match="not supported yet"):
+        export_peft(path, tmp_path / "peft")

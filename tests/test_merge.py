@@ -116,3 +116,25 @@ def test_base_without_tokenizer_gives_no_stand_in_tokenizer(tmp_path):
         "generation_config.json",
         "model.safetensors",
     ]
+
+
+def test_merge_keeps_a_new_trained_head(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    from lorakit.models import load_base
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    save_model(BertModel(cfg), tmp_path / "encoder")  # a checkpoint without a classification head
+    model = load_base(str(tmp_path / "encoder"), task="classification", num_labels=3)
+    assert model.lorakit_new_params == ["classifier.bias", "classifier.weight"]
+    lorakit.add_lora(model, "q,v")
+    randomize_lora(model)
+    model.classifier.requires_grad_(True)
+    lorakit.save_adapter(model, tmp_path / "a.safetensors", base_model=str(tmp_path / "encoder"))
+    merge_to_folder(tmp_path / "a.safetensors", tmp_path / "merged")
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    ids = probe_ids()
+    with torch.no_grad():
+        assert merged.config.num_labels == 3
+        assert (merged(ids).logits - model(ids).logits).abs().max() <= 1e-5
