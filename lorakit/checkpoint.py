@@ -45,9 +45,14 @@ def rng_state() -> dict[str, torch.Tensor]:
     return states
 
 
-def set_rng_state(tensors: dict[str, torch.Tensor]) -> None:
-    torch.set_rng_state(tensors["rng.cpu"])
-    cuda = sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
+def set_rng_state(tensors: dict[str, torch.Tensor], rank: int = 0) -> None:
+    """Restore the generators saved for `rank` (`rank{r}.rng.*`; single-process checkpoints: `rng.*`)."""
+    prefix = f"rank{rank}." if f"rank{rank}.rng.cpu" in tensors else ""
+    if f"{prefix}rng.cpu" not in tensors:
+        raise LorakitError(f"checkpoint has no RNG state for rank {rank}; resume with the same number of processes")
+    torch.set_rng_state(tensors[f"{prefix}rng.cpu"])
+    cuda_prefix = f"{prefix}rng.cuda."
+    cuda = sorted((k for k in tensors if k.startswith(cuda_prefix)), key=lambda k: int(k.rsplit(".", 1)[1]))
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
 
@@ -87,14 +92,22 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     state: dict[str, Any],
     base_model: str | None = None,
+    rng: list[dict[str, torch.Tensor]] | None = None,
 ) -> Path:
-    """Write a complete checkpoint for `step`, then point `latest` at it and prune old ones."""
+    """Write a complete checkpoint for `step`, then point `latest` at it and prune old ones.
+
+    `rng` holds every rank's generator states in a distributed run (default: this process's).
+    """
     from safetensors.torch import save_file
 
     root = run_dir / "checkpoints"
     target = root / f"step-{step:06d}"
     tensors, steps = optimizer_tensors(optimizer)
-    tensors.update(rng_state())
+    if rng is None or len(rng) == 1:
+        tensors.update(rng[0] if rng else rng_state())
+    else:
+        for r, states in enumerate(rng):
+            tensors.update({f"rank{r}.{k}": v for k, v in states.items()})
     with atomic_dir(target, overwrite=True) as tmp:
         save_adapter(model, tmp / "adapter.safetensors", base_model=base_model)
         save_file(tensors, str(tmp / "optimizer.safetensors"))

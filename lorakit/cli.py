@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -54,7 +55,8 @@ def _friendly(func: Callable[..., Any]) -> Callable[..., Any]:
         except LorakitError as e:
             if _state["debug"]:
                 raise
-            typer.echo(f"error: {e}", err=True)
+            if os.environ.get("RANK", "0") == "0":  # in a distributed run, one line from rank 0
+                typer.echo(f"error: {e}", err=True)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             typer.echo("error: interrupted", err=True)
@@ -134,6 +136,13 @@ def train(
     trust_remote_code: Annotated[
         bool, typer.Option("--trust-remote-code", help="Allow model code from the hub.")
     ] = False,
+    load_in_8bit: Annotated[
+        bool, typer.Option("--load-in-8bit", help="Frozen base in 8 bits (bitsandbytes, lorakit[8bit]).")
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Parameter counts, adapter size, memory estimate; no weights loaded.")
+    ] = False,
+    nproc: Annotated[int | None, typer.Option(help="Processes on this machine (launched through torchrun).")] = None,
 ) -> None:
     """Fine-tune a LoRA adapter. With no arguments: the packaged SmolLM2 on the built-in demo task."""
     flags = {k: v for k, v in locals().items() if k != "recipe" and v not in (None, False)}  # given on the line
@@ -148,14 +157,26 @@ def train(
         values = {k: v for k, v in values.items() if k not in ("resume", "overwrite")}
     cfg = build_config(values, flags, source=source)
     demo = cfg.data is None and cfg.model is None
+    from .distributed import launched_by_torchrun
 
+    if cfg.nproc and cfg.nproc > 1 and not launched_by_torchrun() and not cfg.dry_run:
+        from .distributed import launch
+
+        raise typer.Exit(launch(cfg.nproc, sys.argv[1:]))
     _quiet_transformers()
     from rich.table import Table
 
+    console = _console()
+    if cfg.dry_run:
+        from .memory import dry_run_report
+
+        console.print(dry_run_report(cfg))
+        return
     from .train import train as run_training
 
-    console = _console()
     result = run_training(cfg, console=console)
+    if not result.main:
+        return
     table = Table(title="lorakit train", show_header=False)
     table.add_row("run folder", str(result.out))
     table.add_row("adapter", f"{result.adapter} ({result.adapter_bytes:,} bytes)")
@@ -163,7 +184,10 @@ def train(
         "trainable parameters", f"{result.trainable_params:,} of {result.trainable_params + result.frozen_params:,}"
     )
     table.add_row("steps", f"{result.steps}" + (f" (resumed at {result.resumed_from})" if result.resumed_from else ""))
-    table.add_row("time", f"{result.seconds:.1f} s")
+    table.add_row(
+        "time", f"{result.seconds:.1f} s" + (f" on {result.world_size} processes" if result.world_size > 1 else "")
+    )
+    table.add_row("peak memory", f"{result.peak_memory_mb:,.0f} MiB")
     if result.train_loss is not None:
         table.add_row("final train loss", f"{result.train_loss:.4f}")
     if result.eval_loss is not None and result.first_eval_loss is not None:

@@ -35,6 +35,8 @@ class TrainConfig:
     """Allow model code from the hub (off unless asked for)."""
     precision: Precision = "fp32"
     """Compute precision: fp32, bf16 (autocast) or fp16 (autocast + grad scaler)."""
+    load_in_8bit: bool = False
+    """Load the frozen base in 8 bits with bitsandbytes (`pip install 'lorakit[8bit]'`)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (non-reentrant) to save memory."""
     base_dropout: bool = False
@@ -111,6 +113,10 @@ class TrainConfig:
     """Write a metrics line every N steps."""
     resume: bool = False
     overwrite: bool = False
+    dry_run: bool = False
+    """Print parameter counts, adapter size and a memory estimate from the config alone; train nothing."""
+    nproc: int | None = None
+    """Launch this many processes through torchrun (data-parallel training on this machine)."""
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -168,7 +174,7 @@ def _check_values(cfg: TrainConfig) -> list[str]:
     for name in positive:
         if getattr(cfg, name) < 1:
             problems.append(f"{name}: must be at least 1, got {getattr(cfg, name)}")
-    for name in ("max_steps", "save_every", "eval_every", "eval_batches", "limit", "eval_limit", "num_labels"):
+    for name in ("max_steps", "save_every", "eval_every", "eval_batches", "limit", "eval_limit", "num_labels", "nproc"):
         value = getattr(cfg, name)
         if value is not None and value < 1:
             problems.append(f"{name}: must be at least 1, got {value}")

@@ -160,3 +160,52 @@ def _input_key(path: str) -> str:
     if leaf in ("gate_proj", "up_proj"):
         return parent + ".gate_up"
     return path
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def dry_run_report(cfg: Any) -> Any:
+    """A rich table for `lorakit train --dry-run`: counts, adapter size and memory, from the config alone."""
+    from rich.table import Table
+    from transformers import AutoConfig
+
+    from .models import PACKAGED, resolve_source
+
+    config = AutoConfig.from_pretrained(resolve_source(cfg.model), trust_remote_code=cfg.trust_remote_code)
+    if cfg.task == "classification":
+        config.num_labels = cfg.num_labels or 2
+    est = estimate_memory(
+        config,
+        cfg.targets,
+        cfg.rank,
+        cfg.alpha,
+        layers=cfg.layers,
+        task=cfg.task,
+        batch_size=cfg.batch_size,
+        seq_len=cfg.max_length,
+        precision=cfg.precision,
+        load_in_8bit=cfg.load_in_8bit,
+    )
+    table = Table(title=f"lorakit train --dry-run: {cfg.model or PACKAGED}", show_header=False)
+    table.add_row("trainable parameters (LoRA)", f"{est.trainable_params:,}")
+    table.add_row("frozen parameters", f"{est.frozen_params:,}")
+    table.add_row(
+        "adapter file",
+        f"{est.adapter_tensor_bytes:,} bytes of tensors + ~{est.adapter_file_bytes - est.adapter_tensor_bytes:,} "
+        "header",
+    )
+    table.add_row(
+        "weights", _mib(est.weights_bytes) + (" (8-bit linear layers)" if cfg.load_in_8bit else f" ({cfg.precision})")
+    )
+    table.add_row("LoRA parameters, gradients, AdamW state", _mib(est.lora_state_bytes))
+    table.add_row(f"activations, batch {cfg.batch_size} x {cfg.max_length} tokens", _mib(est.activation_bytes))
+    table.add_row("  with gradient checkpointing", _mib(est.activation_bytes_checkpointed))
+    table.add_row("logits at label positions (+ gradient)", _mib(est.logits_bytes))
+    chosen = est.peak_bytes_checkpointed if cfg.gradient_checkpointing else est.peak_bytes
+    table.add_row(
+        "estimated peak", f"{_mib(est.peak_bytes)} ({_mib(est.peak_bytes_checkpointed)} with gradient checkpointing)"
+    )
+    table.add_row("this run", _mib(chosen) + (" (gradient checkpointing on)" if cfg.gradient_checkpointing else ""))
+    return table

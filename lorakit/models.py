@@ -115,7 +115,9 @@ def resolve_source(source: str | None) -> str:
     """A loadable hub id or folder for `source` (None or PACKAGED: the packaged default's cached folder)."""
     if source is None or source == PACKAGED:
         return str(packaged_model_dir())
-    return source
+    if source.startswith(("/", "./", "../", "~")) and not Path(source).expanduser().exists():
+        raise LorakitError(f"{source}: no such model folder")
+    return str(Path(source).expanduser()) if source.startswith("~") else source
 
 
 def load_base(
@@ -125,6 +127,8 @@ def load_base(
     trust_remote_code: bool = False,
     num_labels: int | None = None,
     model_class: str | None = None,
+    load_in_8bit: bool = False,
+    device: torch.device | None = None,
 ) -> nn.Module:
     """Load a pretrained model in eval mode.
 
@@ -136,6 +140,8 @@ def load_base(
         trust_remote_code: allow custom model code from the hub (off unless asked for).
         num_labels: classes of a new classification head.
         model_class: a transformers class name to load with (what an adapter records as `base_class`).
+        load_in_8bit: quantize the linear layers to 8 bits with bitsandbytes (`Linear8bitLt`), on `device`.
+        device: where an 8-bit model is placed as it loads (other models load on the CPU).
     """
     from transformers import AutoConfig
 
@@ -145,13 +151,21 @@ def load_base(
     path = Path(source)
     if path.exists() and not (path / "config.json").is_file():
         raise LorakitError(f"{source}: folder has no config.json; expected a Hugging Face model folder")
+    extra: dict[str, Any] = {}
+    if load_in_8bit:
+        extra = eight_bit_options(device or torch.device("cpu"))
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
         if num_labels is not None:
             config.num_labels = num_labels
         cls = _model_class(config, task, model_class)
         model, info = cls.from_pretrained(
-            source, config=config, dtype=torch_dtype, trust_remote_code=trust_remote_code, output_loading_info=True
+            source,
+            config=config,
+            dtype=torch_dtype,
+            trust_remote_code=trust_remote_code,
+            output_loading_info=True,
+            **extra,
         )
     except OSError as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -162,6 +176,19 @@ def load_base(
     if name is None or name == PACKAGED:
         model.config._name_or_path = PACKAGED  # what adapters record, so merge finds the same base again
     return model
+
+
+def eight_bit_options(device: torch.device) -> dict[str, Any]:
+    """from_pretrained arguments for an 8-bit frozen base (bitsandbytes runs int8 layers on CPU and CUDA)."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise LorakitError("--load-in-8bit needs bitsandbytes: pip install 'lorakit[8bit]'")
+    import warnings
+
+    from transformers import BitsAndBytesConfig
+
+    # bitsandbytes announces every fp32 -> fp16 input cast of its int8 matmul; once is enough.
+    warnings.filterwarnings("once", message="MatMul8bitLt: inputs will be cast")
+    return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True), "device_map": {"": device}}
 
 
 def load_tokenizer(source: str | None, trust_remote_code: bool = False) -> Any | None:

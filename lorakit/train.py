@@ -25,9 +25,10 @@ import torch
 from torch import nn
 
 from .adapter import apply_adapter, save_adapter
-from .checkpoint import latest_checkpoint, load_checkpoint, load_optimizer, save_checkpoint, set_rng_state
+from .checkpoint import latest_checkpoint, load_checkpoint, load_optimizer, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig, to_yaml
 from .data import DataSpec, Encoded, batch_order, collate, encode, read_rows
+from .distributed import World, all_sum, barrier, device_for, gather_objects, init_world
 from .errors import LorakitError
 from .evaluate import dataset_loss, label_count, to_device
 from .files import write_atomic
@@ -55,6 +56,10 @@ class TrainResult:
     dropped: int
     resumed_from: int | None
     lora_changed: bool
+    peak_memory_mb: float = 0.0
+    world_size: int = 1
+    main: bool = True
+    """False on the ranks other than 0 of a distributed run (they print and write nothing)."""
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
@@ -141,14 +146,53 @@ def base_dropout_off(model: nn.Module) -> None:
                 setattr(module, attr, 0.0)
 
 
-def micro_batches(encoded: Encoded, cfg: TrainConfig, epoch: int, index: int) -> Iterator[tuple[int, int, list[int]]]:
-    """(epoch, index of the next batch, example indices) forever, from a position; each epoch reshuffled by seed."""
+def micro_batches(
+    encoded: Encoded, batch_size: int, seed: int, epoch: int, index: int
+) -> Iterator[tuple[int, int, list[int]]]:
+    """(epoch, index of the next batch, example indices) forever, from a position; each epoch reshuffled by seed.
+
+    In a distributed run `batch_size` is the global micro-batch (per-device batch x world size) and every rank
+    draws the same batches, then keeps its own share: the run sees what one process with that batch would see.
+    """
     lengths = [len(e.input_ids) for e in encoded.examples]
     while True:
-        order = batch_order(lengths, cfg.batch_size, cfg.seed, epoch)
+        order = batch_order(lengths, batch_size, seed, epoch)
         for i in range(index, len(order)):
             yield epoch, i + 1, order[i]
         epoch, index = epoch + 1, 0
+
+
+def rank_share(ids: list[int], world: World) -> tuple[list[int], float]:
+    """This rank's examples of a global micro-batch, and the weight of its loss (0 for a stand-in example).
+
+    A rank whose share is empty (a short last batch) still has to run forward and backward with the others:
+    it takes the batch's first example and multiplies its loss by 0.
+    """
+    share = ids[world.rank :: world.size]
+    return (share, 1.0) if share else (ids[:1], 0.0)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: max allocated on the device; CPU: the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class LossStep(nn.Module):
+    """The model's summed loss as a module, so that DDP's forward (and gradient sync) sees every step."""
+
+    def __init__(self, model: nn.Module, task: str, label_smoothing: float) -> None:
+        super().__init__()
+        self.model = model
+        self.task = task
+        self.label_smoothing = label_smoothing
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        loss_sum, _ = batch_loss(self.model, batch, self.task, self.label_smoothing)
+        return loss_sum
 
 
 class StopFlag:
@@ -178,9 +222,12 @@ class StopFlag:
 class MetricsLog:
     """metrics.jsonl, one JSON object per line; on resume, lines after the checkpoint's step are dropped."""
 
-    def __init__(self, path: Path, resume_step: int | None) -> None:
+    def __init__(self, path: Path, resume_step: int | None, enabled: bool = True) -> None:
         self.path = path
+        self.enabled = enabled
         self.records: list[dict[str, Any]] = []
+        if not enabled:
+            return
         if resume_step is not None and path.is_file():
             for line in path.read_text().splitlines():
                 record = json.loads(line)
@@ -192,6 +239,8 @@ class MetricsLog:
 
     def write(self, record: dict[str, Any]) -> None:
         self.records.append(record)
+        if not self.enabled:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -230,6 +279,9 @@ def train(cfg: TrainConfig, console: Any = None) -> TrainResult:
     """
     from rich.console import Console
 
+    world = init_world()
+    if not world.main:
+        console = Console(stderr=True, quiet=True)  # rank 0 alone prints and writes
     console = console or Console(stderr=True)
     started = time.perf_counter()
     cfg = with_demo_data(cfg)
@@ -260,10 +312,16 @@ def train(cfg: TrainConfig, console: Any = None) -> TrainResult:
         num_labels = rows.num_labels  # from the label ids or names; a class with no row still counts
     elif cfg.task == "classification" and num_labels < rows.num_labels:
         raise LorakitError(f"--num-labels {num_labels}: {cfg.data} has {rows.num_labels} classes")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(cfg.seed)  # a new head's and A's initialization
-    model = load_base(  # the frozen base in the compute precision; LoRA parameters stay fp32
-        cfg.model, dtype=cfg.precision, task=cfg.task, trust_remote_code=cfg.trust_remote_code, num_labels=num_labels
+    device = device_for(world)
+    torch.manual_seed(cfg.seed)  # a new head's and A's initialization (the same on every rank)
+    model = load_base(  # the frozen base in the compute precision (or 8 bits); LoRA parameters stay fp32
+        cfg.model,
+        dtype=cfg.precision,
+        task=cfg.task,
+        trust_remote_code=cfg.trust_remote_code,
+        num_labels=num_labels,
+        load_in_8bit=cfg.load_in_8bit,
+        device=device,
     )
     add_lora(model, cfg.targets, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, layers=cfg.layers)
     if cfg.task == "classification":
@@ -272,7 +330,8 @@ def train(cfg: TrainConfig, console: Any = None) -> TrainResult:
         for name, param in model.named_parameters():
             if name in new:
                 param.requires_grad_(True)
-    model.to(device)
+    if not cfg.load_in_8bit:  # an 8-bit model is placed on its device when it loads and cannot move
+        model.to(device)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -286,25 +345,37 @@ def train(cfg: TrainConfig, console: Any = None) -> TrainResult:
     )
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     autocast = autocast_for(cfg.precision, device)
+    step_module: nn.Module = LossStep(model, cfg.task, cfg.label_smoothing)
+    if world.distributed:
+        from torch.nn.parallel import DistributedDataParallel
 
-    batches_per_epoch = math.ceil(len(encoded.examples) / cfg.batch_size)
+        # Only parameters that require gradients (the LoRA A/B, a new head) are synchronized.
+        step_module = DistributedDataParallel(step_module, device_ids=[device.index] if device.type == "cuda" else None)
+    torch.manual_seed(cfg.seed + world.rank)  # LoRA dropout masks differ between ranks
+
+    global_batch = cfg.batch_size * world.size
+    batches_per_epoch = math.ceil(len(encoded.examples) / global_batch)
     steps_per_epoch = max(1, math.ceil(batches_per_epoch / cfg.grad_accum))
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     console.print(
         f"model: {cfg.model or PACKAGED}; LoRA r={cfg.rank} alpha={cfg.alpha:g} on {cfg.targets}: "
-        f"{trainable:,} trainable of {trainable + frozen:,} parameters; {total} steps of "
-        f"{cfg.batch_size}x{cfg.grad_accum} examples on {device.type}"
+        f"{trainable:,} trainable of {trainable + frozen:,} parameters; {total} steps; effective batch "
+        f"{cfg.batch_size} x {world.size} process(es) x {cfg.grad_accum} accumulation = "
+        f"{cfg.batch_size * world.size * cfg.grad_accum} on {device.type}"
+        + (" (8-bit base)" if cfg.load_in_8bit else "")
     )
 
     # Resume: adapter, optimizer, RNG and data position from the latest checkpoint.
-    start_run_dir(out, cfg)
+    if world.main:
+        start_run_dir(out, cfg)
+    barrier(world)
     step, epoch, index, resumed_from, first_eval = 0, 0, 0, None, None
     checkpoint_path = latest_checkpoint(out) if cfg.resume else None
     if checkpoint_path is not None:
         ckpt = load_checkpoint(checkpoint_path)
         apply_adapter(model, ckpt.adapter)
         load_optimizer(optimizer, ckpt.optimizer, ckpt.state["adam_steps"])
-        set_rng_state(ckpt.optimizer)
+        set_rng_state(ckpt.optimizer, world.rank)
         scaler_state = ckpt.state.get("scaler")
         if scaler_state:
             scaler.load_state_dict(scaler_state)
@@ -317,26 +388,33 @@ def train(cfg: TrainConfig, console: Any = None) -> TrainResult:
         resumed_from = step
         console.print(f"resumed from {checkpoint_path} (step {step})")
     # resume/overwrite act on this invocation; saved as false, config.yaml reused as a recipe never deletes a run.
-    write_atomic(out / "config.yaml", to_yaml(replace(cfg, resume=False, overwrite=False)))
-    log = MetricsLog(out / "metrics.jsonl", resumed_from)
+    if world.main:
+        write_atomic(out / "config.yaml", to_yaml(replace(cfg, resume=False, overwrite=False)))
+    log = MetricsLog(out / "metrics.jsonl", resumed_from, enabled=world.main)
 
     def evaluate_now() -> float | None:
         if eval_encoded is None:
             return None
-        result = dataset_loss(
-            model, eval_encoded.examples, cfg.batch_size, pad_id, cfg.task, cfg.eval_batches, autocast
-        )
-        log.write({"step": step, "eval_loss": result.loss, "eval_perplexity": result.perplexity})
-        return result.loss
+        shard = eval_encoded.examples[world.rank :: world.size]  # each rank scores its share; sums are combined
+        result = dataset_loss(model, shard, cfg.batch_size, pad_id, cfg.task, cfg.eval_batches, autocast)
+        total_loss, count = all_sum(world, result.loss * result.tokens, result.tokens)
+        loss = total_loss / max(count, 1)
+        log.write({"step": step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700))})
+        return loss
 
     def checkpoint() -> Path:
         state = {"epoch": epoch, "batch": index, "scaler": scaler.state_dict() if scaler.is_enabled() else None}
-        state.update(first_eval_loss=first_eval, data=encoded.fingerprint())
-        return save_checkpoint(out, step, model, optimizer, state, base_model=cfg.model or PACKAGED)
+        state.update(first_eval_loss=first_eval, data=encoded.fingerprint(), world_size=world.size)
+        rng = gather_objects(world, rng_state())  # every rank's generators, for an exact resume
+        path = out / "checkpoints" / f"step-{step:06d}"
+        if world.main:
+            path = save_checkpoint(out, step, model, optimizer, state, base_model=cfg.model or PACKAGED, rng=rng)
+        barrier(world)
+        return path
 
     if first_eval is None and eval_encoded is not None:
         first_eval = evaluate_now()  # the base model's loss: the "before" of before/after
-    stream = micro_batches(encoded, cfg, epoch, index)
+    stream = micro_batches(encoded, global_batch, cfg.seed, epoch, index)
     last_loss, eval_loss, tokens_seen, last_checkpoint = None, None, 0, checkpoint_path
     with StopFlag() as stop, _progress(console, total, step) as progress:
         while step < total:
@@ -347,16 +425,23 @@ def train(cfg: TrainConfig, console: Any = None) -> TrainResult:
             batches = []
             for _ in range(cfg.grad_accum):
                 epoch, index, ids = next(stream)
-                batches.append(collate([encoded.examples[i] for i in ids], pad_id, cfg.task))
-            n_labels = sum(label_count(b, cfg.task) for b in batches)  # normalize by tokens in the whole step
+                share, weight = rank_share(ids, world)
+                batches.append((collate([encoded.examples[i] for i in share], pad_id, cfg.task), weight))
+            # Normalize by the label tokens of the whole step, on all ranks together.
+            (n_labels,) = all_sum(world, sum(label_count(b, cfg.task) * w for b, w in batches))
             step_loss, step_tokens = 0.0, 0
-            for batch in batches:
+            for i, (batch, weight) in enumerate(batches):
                 batch = to_device(batch, device)
-                with autocast():
-                    loss_sum, _ = batch_loss(model, batch, cfg.task, cfg.label_smoothing)
-                scaler.scale(loss_sum / max(n_labels, 1)).backward()
+                last = i == len(batches) - 1
+                sync = contextlib.nullcontext() if last or not world.distributed else step_module.no_sync()
+                with sync:
+                    with autocast():
+                        loss_sum = step_module(batch) * weight
+                    # DDP averages gradients over ranks; scaling by the world size makes that a sum.
+                    scaler.scale(loss_sum * world.size / max(n_labels, 1)).backward()
                 step_loss += float(loss_sum.detach())
-                step_tokens += int(batch["attention_mask"].sum())
+                step_tokens += int(batch["attention_mask"].sum()) if weight else 0
+            step_loss, step_tokens = all_sum(world, step_loss, step_tokens)
             loss_value = step_loss / max(n_labels, 1)
             if not math.isfinite(loss_value):
                 where = f"; the last good checkpoint is {last_checkpoint}" if last_checkpoint else ""
@@ -380,9 +465,12 @@ def train(cfg: TrainConfig, console: Any = None) -> TrainResult:
                         "loss": loss_value,
                         "lr": lr,
                         "tokens_per_s": round(tokens_per_s, 1),
+                        "peak_memory_mb": round(peak_memory_mb(device), 1),
                     }
                 )
             progress.update(step, loss_value, lr, tokens_per_s)
+            if world.distributed:  # every rank must stop at the same step
+                stop.requested = all_sum(world, float(stop.requested))[0] > 0
             if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
                 eval_loss = evaluate_now()
             if (cfg.save_every and step % cfg.save_every == 0) or stop.requested:
@@ -397,13 +485,11 @@ def train(cfg: TrainConfig, console: Any = None) -> TrainResult:
         eval_loss = evaluate_now()
     if last_checkpoint is None or last_checkpoint.name != f"step-{step:06d}":
         last_checkpoint = checkpoint()
-    adapter = save_adapter(
-        model,
-        out / "adapter.safetensors",
-        base_model=cfg.model or PACKAGED,
-        extra={"train_config": json.dumps(asdict(cfg))},
-    )
-    plot_losses(log.records, out / "loss.png")
+    adapter = out / "adapter.safetensors"
+    if world.main:
+        save_adapter(model, adapter, base_model=cfg.model or PACKAGED, extra={"train_config": json.dumps(asdict(cfg))})
+        plot_losses(log.records, out / "loss.png")
+    barrier(world)
     changed = any(bool(b.detach().abs().sum() > 0) for _, layer in lora_layers(model) for b in layer.lora_B)
     if not changed:
         console.print(
@@ -416,7 +502,7 @@ def train(cfg: TrainConfig, console: Any = None) -> TrainResult:
         steps=step,
         trainable_params=trainable,
         frozen_params=frozen,
-        adapter_bytes=adapter.stat().st_size,
+        adapter_bytes=adapter.stat().st_size if world.main else 0,
         seconds=time.perf_counter() - started,
         tokens=tokens_seen,
         train_loss=last_loss,
@@ -426,6 +512,9 @@ def train(cfg: TrainConfig, console: Any = None) -> TrainResult:
         dropped=encoded.dropped,
         resumed_from=resumed_from,
         lora_changed=changed,
+        peak_memory_mb=peak_memory_mb(device),
+        world_size=world.size,
+        main=world.main,
     )
 
 

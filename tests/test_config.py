@@ -23,6 +23,7 @@ EVERYTHING = dict(
     trust_remote_code=True,
     precision="bf16",
     gradient_checkpointing=True,
+    load_in_8bit=True,
     base_dropout=True,
     data="data: train.jsonl",
     eval_data="e2e_nlg",
@@ -64,6 +65,8 @@ EVERYTHING = dict(
     log_every=10,
     resume=True,
     overwrite=False,
+    dry_run=True,
+    nproc=2,
 )
 
 

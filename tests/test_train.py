@@ -86,7 +86,7 @@ def metrics(out: Path) -> list[dict]:
 
 
 def without_timing(records: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]
+    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "peak_memory_mb")} for r in records]
 
 
 def assert_same_adapter(a: Path, b: Path) -> None:
