@@ -365,7 +365,9 @@ def _required_fields(spec: DataSpec, fmt: str) -> list[tuple[str, str]]:
         if template is None:
             needs.append((name, "text"))
         else:
-            needs += [(f, "value") for f in _template_fields(template, what) if (f, "value") not in needs]
+            aliases = {"prompt": spec.prompt_field, "completion": spec.completion_field}
+            fields = [aliases.get(f, f) for f in _template_fields(template, what)]
+            needs += [(f, "value") for f in fields if (f, "value") not in needs]
     return needs
 
 
@@ -506,8 +508,8 @@ def _encode_prompt_completion(rows: Rows, tokenizer: Any, spec: DataSpec) -> lis
             _check_eos_splits(tokenizer)
     prompts, completions = [], []
     for i, row in enumerate(rows.rows):
-        prompts.append(_fill(spec.prompt_template, spec.prompt_field, row, special, rows.where(i)))
-        completions.append(_fill(spec.completion_template, spec.completion_field, row, special, rows.where(i)))
+        prompts.append(_fill(spec.prompt_template, spec.prompt_field, row, special, rows.where(i), spec))
+        completions.append(_fill(spec.completion_template, spec.completion_field, row, special, rows.where(i), spec))
     prompt_ids = _tokenize(tokenizer, prompts, True)["input_ids"]
     completion_ids = _tokenize(tokenizer, completions, False)["input_ids"]
     out: list[Example | str] = []
@@ -520,11 +522,20 @@ def _encode_prompt_completion(rows: Rows, tokenizer: Any, spec: DataSpec) -> lis
     return out
 
 
-def _fill(template: str | None, name: str, row: dict, special: dict[str, str], where: str) -> str:
+def template_values(row: dict, spec: DataSpec, special: dict[str, str]) -> dict:
+    """What a template can name: the row's fields, `{prompt}` / `{completion}` (the mapped prompt and completion
+    fields, so one recipe serves sources with different column names), `{eos}` and `{bos}`."""
+    aliases = {k: row[f] for k, f in (("prompt", spec.prompt_field), ("completion", spec.completion_field)) if f in row}
+    return {**row, **aliases, **special}
+
+
+def _fill(
+    template: str | None, name: str, row: dict, special: dict[str, str], where: str, spec: DataSpec | None = None
+) -> str:
     if template is None:
         return row[name]
     try:
-        return template.format_map({**row, **special})
+        return template.format_map(template_values(row, spec, special) if spec else {**row, **special})
     except (ValueError, IndexError, KeyError, AttributeError, TypeError) as e:
         raise LorakitError(f"{where}: cannot fill the template {template!r} ({type(e).__name__}: {e})") from None
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data import DataSpec, Encoded, Example, Rows, collate, encode, read_rows
+from .data import DataSpec, Encoded, Example, Rows, collate, encode, read_rows, template_values
 from .errors import LorakitError
 from .files import write_atomic
 from .loss import IGNORE, batch_loss
@@ -98,7 +98,12 @@ class PromptGroup:
 
 
 def prompt_groups(
-    rows: Rows, encoded: Encoded, completion_field: str, tokenizer: Any, completion_template: str | None = None
+    rows: Rows,
+    encoded: Encoded,
+    completion_field: str,
+    tokenizer: Any,
+    completion_template: str | None = None,
+    spec: DataSpec | None = None,
 ) -> list[PromptGroup]:
     """Unique prompts of prompt/completion data, in first-seen order, with all their references.
 
@@ -115,7 +120,8 @@ def prompt_groups(
         if completion_template is None:
             reference = str(row[completion_field]).strip()
         else:  # encode() filled this template already, so it cannot fail here
-            reference = completion_template.format_map({**row, "eos": "", "bos": ""}).strip()
+            values = template_values(row, spec, {}) if spec else row
+            reference = completion_template.format_map({**values, "eos": "", "bos": ""}).strip()
         if key not in groups:
             text = tokenizer.decode(list(key), skip_special_tokens=True)
             groups[key] = PromptGroup(text, list(key), [])
@@ -242,7 +248,7 @@ def score_model(
         labels = [e.labels[0] for e in encoded.examples]
         scores.metrics = classification_metrics(predicted, labels, max(encoded.num_labels or 2, 2))
     elif generate_options is not None:
-        groups = prompt_groups(rows, encoded, spec.completion_field, tokenizer, spec.completion_template)
+        groups = prompt_groups(rows, encoded, spec.completion_field, tokenizer, spec.completion_template, spec)
         predictions = generate(model, tokenizer, [g.prompt_ids for g in groups], generate_options)
         scores.metrics = text_metrics(predictions, [g.references for g in groups], metric_names)
         if predictions_dir is not None:

@@ -334,3 +334,25 @@ def test_e2e_train_set_reads_and_encodes(tok):
     for e in data.examples:  # the first EOS ends the MR; loss starts right after it
         first_trained = next(i for i, label in enumerate(e.labels) if label != IGNORE)
         assert e.input_ids[first_trained - 1] == tok.eos_token_id and e.labels[-1] == tok.eos_token_id
+
+
+def test_prompt_and_completion_aliases_follow_the_field_mapping(tmp_path):
+    """One recipe template serves sources whose columns are named differently."""
+    from lorakit.data import DataSpec, encode, read_rows
+
+    path = tmp_path / "e2e.csv"
+    path.write_text("mr,ref\nw1 w2,w3 w4\n", encoding="utf-8")
+    spec = DataSpec(
+        source=str(path),
+        prompt_field="mr",
+        completion_field="ref",
+        prompt_template="{prompt}{eos}",
+        completion_template=" {completion}",
+    )
+    tok = tiny_tokenizer()
+    encoded = encode(read_rows(spec), tok, 32, spec)
+    ids = encoded.examples[0].input_ids
+    assert ids == tok("w1 w2</s> w3 w4", add_special_tokens=True)["input_ids"] + [tok.eos_token_id]
+    missing = DataSpec(source=str(path), prompt_field="meaning", prompt_template="{prompt}", completion_field="ref")
+    with pytest.raises(LorakitError, match="meaning"):
+        read_rows(missing)
