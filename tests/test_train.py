@@ -10,7 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import randomize_lora, save_model, tiny_bert, tiny_gpt2, tiny_llama, tiny_tokenizer
+from tiny import (
+    learnable_rows,
+    randomize_lora,
+    save_model,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_tokenizer,
+    write_jsonl,
+)
 from typer.testing import CliRunner
 
 import lorakit
@@ -31,23 +40,6 @@ USER_CACHE = os.environ.get("LORAKIT_CACHE")  # read before the fixture below re
 def isolated_cache(monkeypatch, tmp_path):
     """No test here writes to the user's lorakit cache (the packaged-model test opts back in)."""
     monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-def learnable_rows(n: int, seed: int = 0) -> list[dict]:
-    """Prompt/completion rows over the tiny vocabulary; the completion is a function of the prompt."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        words = [rng.randrange(4, 80) for _ in range(rng.randrange(2, 6))]
-        rows.append(
-            {"prompt": " ".join(f"w{k}" for k in words), "completion": " ".join(f"w{k + 10}" for k in words[:3])}
-        )
-    return rows
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import random
 from pathlib import Path
 
 import torch
@@ -90,3 +92,20 @@ def randomize_lora(model, seed: int = 1, std: float = 0.5) -> None:
         for _, layer in lorakit.lora_layers(model):
             for b in layer.lora_B:
                 b.copy_(torch.randn(b.shape, generator=g) * std)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def learnable_rows(n: int, seed: int = 0) -> list[dict]:
+    """Prompt/completion rows over the tiny vocabulary; the completion is a function of the prompt."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        words = [rng.randrange(4, 80) for _ in range(rng.randrange(2, 6))]
+        rows.append(
+            {"prompt": " ".join(f"w{k}" for k in words), "completion": " ".join(f"w{k + 10}" for k in words[:3])}
+        )
+    return rows
