@@ -369,6 +369,11 @@ def merge(
         f"merged {result.modules} modules into {result.base_model} ({result.dtype}); "
         f"probe max |Δlogits| = {result.max_abs_diff:.3g} (tolerance {result.tolerance:.3g})"
     )
+    if result.quantized_diff is not None:
+        console.print(
+            f"8-bit base + adapter vs. merged (full precision): max |Δlogits| = {result.quantized_diff:.3g} "
+            "(what the 8-bit base costs)"
+        )
     console.print(
         f"wrote {result.out}" + ("" if result.tokenizer else " (the base has no tokenizer files; none copied)")
     )

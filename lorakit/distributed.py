@@ -3,6 +3,7 @@
 `torchrun --nproc_per_node N -m lorakit train ...` sets RANK, LOCAL_RANK and WORLD_SIZE; `lorakit train
 --nproc N` re-launches the same command line through torchrun. Multi-node runs use torchrun's own
 rendezvous (`--nnodes`, `--rdzv-endpoint`). NCCL on GPUs, gloo on CPU.
+torch is imported inside the functions: the `--nproc` launcher process only re-runs the command line.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,8 @@ class World:
     rank: int = 0
     local_rank: int = 0
     size: int = 1
+    local_size: int = 1
+    """Processes on this machine (`size` on one machine; torchrun's LOCAL_WORLD_SIZE)."""
 
     @property
     def main(self) -> bool:
@@ -42,16 +46,21 @@ def init_world() -> World:
     """Join the process group torchrun set up (gloo on CPU, NCCL on CUDA); a single process otherwise."""
     if not launched_by_torchrun():
         return World()
+    import torch
+    import torch.distributed as dist
+
     rank, local_rank, size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend=backend)
-    return World(rank, local_rank, size)
+    return World(rank, local_rank, size, int(os.environ.get("LOCAL_WORLD_SIZE", size)))
 
 
 def device_for(world: World) -> torch.device:
+    import torch
+
     if torch.cuda.is_available():
         return torch.device("cuda", world.local_rank)
     return torch.device("cpu")
@@ -61,6 +70,9 @@ def all_sum(world: World, *values: float) -> list[float]:
     """Sum numbers over all ranks (identity for one process)."""
     if not world.distributed:
         return list(values)
+    import torch
+    import torch.distributed as dist
+
     device = torch.device("cuda", world.local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
@@ -71,6 +83,8 @@ def gather_objects(world: World, obj: object) -> list[object]:
     """Every rank's `obj`, in rank order (used for per-rank RNG states in checkpoints)."""
     if not world.distributed:
         return [obj]
+    import torch.distributed as dist
+
     out: list[object] = [None] * world.size
     dist.all_gather_object(out, obj)
     return out
@@ -78,10 +92,14 @@ def gather_objects(world: World, obj: object) -> list[object]:
 
 def barrier(world: World) -> None:
     if world.distributed:
+        import torch.distributed as dist
+
         dist.barrier()
 
 
 def shutdown(world: World) -> None:
+    import torch.distributed as dist
+
     if world.distributed and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -100,6 +118,11 @@ def without_nproc(argv: list[str]) -> list[str]:
 
 
 def launch(nproc: int, argv: list[str]) -> int:
-    """Run `lorakit <argv>` in `nproc` processes through torchrun on this machine; returns its exit code."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "-m", "lorakit"]
+    """Run `lorakit <argv>` in `nproc` processes through torchrun on this machine; returns its exit code.
+
+    `--standalone` gives the run a rendezvous on a free local port, so two runs on one machine do not collide
+    (plain torchrun uses port 29500 for every run).
+    """
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    command += ["-m", "lorakit"]
     return subprocess.call(command + without_nproc(argv))

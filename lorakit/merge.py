@@ -2,18 +2,25 @@
 
 Memory: the base is loaded once; the merge happens in place, one projection at a time (each delta is
 computed in fp32 and only as large as that projection), so the peak is about one copy of the base.
+
+An adapter trained on an 8-bit base is merged into the base reloaded in full precision from its source (int8
+weights cannot hold W0 + BA). The merged model therefore differs from the 8-bit model the adapter was trained
+with by the quantization error; that difference is measured on the probe batch and reported (`quantized_diff`).
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from .adapter import apply_adapter, read_adapter
+from .adapter import Adapter, apply_adapter, read_adapter
 from .errors import LorakitError
 from .files import atomic_dir
 from .models import DTYPES, dtype_name, load_base, load_tokenizer
@@ -36,6 +43,10 @@ class MergeResult:
     max_abs_diff: float
     tolerance: float
     tokenizer: bool = True
+    quantized_diff: float | None = None
+    """Adapter trained on an 8-bit base: max |logit difference| on the probe batch between that 8-bit base with
+    the adapter and the merged model (the quantization error; not checked). None otherwise, or without
+    bitsandbytes."""
 
 
 def probe_batch(model: nn.Module, batch: int = 2, length: int = 16) -> torch.Tensor:
@@ -85,7 +96,11 @@ def merge_to_folder(
     if not source:
         raise LorakitError(f"{adapter}: the adapter records no base model; pass --model")
     labels = loaded.metadata.get("num_labels")
-    base = load_base(source, model_class=loaded.metadata.get("base_class"), num_labels=int(labels) if labels else None)
+    options = dict(model_class=loaded.metadata.get("base_class"), num_labels=int(labels) if labels else None)
+    quantized = None
+    if loaded.metadata.get("base_dtype") == "int8" and importlib.util.find_spec("bitsandbytes") is not None:
+        quantized = quantized_logits(source, loaded, options)  # before the full-precision load: one model at a time
+    base = load_base(source, **options)
     apply_adapter(base, loaded)  # checks the base fingerprint
     loaded_dtype = next(base.parameters()).dtype
     ids = probe_batch(base)
@@ -98,6 +113,7 @@ def merge_to_folder(
     saved = next(base.parameters()).dtype
     merged = logits_of(base, ids)
     diff = float((merged - adapted).abs().max())
+    quantized_diff = None if quantized is None else float((merged - quantized).abs().max())
     scale = max(1.0, float(adapted.abs().max()))
     # The adapted logits carry the loaded dtype's rounding, the merged ones the saved dtype's: allow the coarser.
     tolerance = max(TOLERANCE.get(loaded_dtype, 1e-1), TOLERANCE.get(saved, 1e-1)) * scale
@@ -114,4 +130,22 @@ def merge_to_folder(
         base.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-    return MergeResult(out, source, dtype_name(saved), n_modules, diff, tolerance, tokenizer is not None)
+    return MergeResult(
+        out, source, dtype_name(saved), n_modules, diff, tolerance, tokenizer is not None, quantized_diff
+    )
+
+
+def quantized_logits(source: str, adapter: Adapter, options: dict[str, Any]) -> torch.Tensor:
+    """Probe logits of the base loaded in 8 bits as it was trained (precision of the run, if recorded) with the
+    adapter applied."""
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        precision = str(json.loads(adapter.metadata.get("train_config", "{}")).get("precision") or "auto")
+    except (ValueError, AttributeError):
+        precision = "auto"
+    dtype = precision if precision in DTYPES else "auto"
+    model = load_base(source, dtype=dtype, load_in_8bit=True, device=device, **options)
+    apply_adapter(model, adapter)
+    logits = logits_of(model, probe_batch(model))
+    del model
+    return logits

@@ -7,6 +7,7 @@ Parsing GGUF takes ~25 s, so it is converted once to a safetensors folder in the
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -182,13 +183,24 @@ def eight_bit_options(device: torch.device) -> dict[str, Any]:
     """from_pretrained arguments for an 8-bit frozen base (bitsandbytes runs int8 layers on CPU and CUDA)."""
     if importlib.util.find_spec("bitsandbytes") is None:
         raise LorakitError("--load-in-8bit needs bitsandbytes: pip install 'lorakit[8bit]'")
-    import warnings
-
     from transformers import BitsAndBytesConfig
 
-    # bitsandbytes announces every fp32 -> fp16 input cast of its int8 matmul; once is enough.
-    warnings.filterwarnings("once", message="MatMul8bitLt: inputs will be cast")
+    # bitsandbytes logs every fp32 -> fp16 input cast of its int8 matmul (a logging warning, not `warnings`);
+    # once is enough.
+    logging.getLogger("bitsandbytes.autograd._functions").addFilter(_first_time_only)
     return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True), "device_map": {"": device}}
+
+
+_LOGGED: set[str] = set()
+
+
+def _first_time_only(record: logging.LogRecord) -> bool:
+    """A logging filter that lets each distinct message through once per process."""
+    message = record.getMessage()
+    if message in _LOGGED:
+        return False
+    _LOGGED.add(message)
+    return True
 
 
 def load_tokenizer(source: str | None, trust_remote_code: bool = False) -> Any | None:

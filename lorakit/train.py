@@ -373,6 +373,12 @@ def train(cfg: TrainConfig, console: Any = None) -> TrainResult:
     checkpoint_path = latest_checkpoint(out) if cfg.resume else None
     if checkpoint_path is not None:
         ckpt = load_checkpoint(checkpoint_path)
+        saved_world = int(ckpt.state.get("world_size", 1))
+        if saved_world != world.size:  # the data position counts global batches; RNG states are per process
+            raise LorakitError(
+                f"{checkpoint_path}: saved by a run on {saved_world} process(es), this run has {world.size}; "
+                f"resume with --nproc {saved_world}"
+            )
         apply_adapter(model, ckpt.adapter)
         load_optimizer(optimizer, ckpt.optimizer, ckpt.state["adam_steps"])
         set_rng_state(ckpt.optimizer, world.rank)
@@ -388,8 +394,11 @@ def train(cfg: TrainConfig, console: Any = None) -> TrainResult:
         resumed_from = step
         console.print(f"resumed from {checkpoint_path} (step {step})")
     # resume/overwrite act on this invocation; saved as false, config.yaml reused as a recipe never deletes a run.
+    # nproc is the run's own (the launcher strips --nproc from the workers' command line): a plain `--resume`
+    # re-launches as many processes.
     if world.main:
-        write_atomic(out / "config.yaml", to_yaml(replace(cfg, resume=False, overwrite=False)))
+        nproc = world.local_size if world.distributed else cfg.nproc
+        write_atomic(out / "config.yaml", to_yaml(replace(cfg, resume=False, overwrite=False, nproc=nproc)))
     log = MetricsLog(out / "metrics.jsonl", resumed_from, enabled=world.main)
 
     def evaluate_now() -> float | None:
