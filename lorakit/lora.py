@@ -72,6 +72,28 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     return weight.detach().float() * (scb.float().unsqueeze(1) / 127.0)  # row-wise absmax int8
 
 
+class _AddToSlices(torch.autograd.Function):
+    """`out` with `parts[i]` added to output columns `ranges[i]`, other columns copied bit for bit.
+
+    The same additions as `out[..., start:stop] += part`, without updating a slice of the base output in place:
+    autograd's backward for that (CopySlices) copies the whole gradient once per slice, which made a q,v layer's
+    step ~1.4x as slow as one adapting the whole `c_attn` (GPT-2 124M: +5% per training step). Here the backward
+    hands out views of the gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, ranges: tuple[tuple[int, int], ...], *parts: torch.Tensor) -> torch.Tensor:
+        ctx.ranges = ranges
+        result = out.clone()  # (..., out)
+        for (start, stop), part in zip(ranges, parts):
+            result[..., start:stop] += part
+        return result
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        return (grad, None, *(grad[..., start:stop] for start, stop in ctx.ranges))
+
+
 class LoRALayer(nn.Module):
     """A frozen linear-like `base` plus a trainable low-rank update on one or more output slices.
 
@@ -146,10 +168,11 @@ class LoRALayer(nn.Module):
             delta = F.linear(F.linear(h, self.lora_A[0]) * self.scaling, self.lora_B[0])  # (..., out)
             return out + delta.to(out.dtype)
         a = F.linear(h, torch.cat(list(self.lora_A))) * self.scaling  # (..., n_slices * r), one matmul
-        for i, (s, b) in enumerate(zip(self.slices, self.lora_B)):
-            part = F.linear(a[..., i * self.rank : (i + 1) * self.rank], b)  # (..., out_slice)
-            out[..., s.start : s.stop] += part.to(out.dtype)  # other output columns untouched
-        return out
+        parts = [
+            F.linear(a[..., i * self.rank : (i + 1) * self.rank], b).to(out.dtype)  # (..., out_slice)
+            for i, b in enumerate(self.lora_B)
+        ]
+        return _AddToSlices.apply(out, tuple((s.start, s.stop) for s in self.slices), *parts)
 
     def delta_weight(self, index: int) -> torch.Tensor:
         """scaling * B A for slice `index`, fp32, shape (out_slice, in)."""
