@@ -1,0 +1,281 @@
+"""Peak memory of `lorakit train`: the `--dry-run` estimate against a measurement, per model and setting.
+
+Each configuration trains in a fresh child process, through the real `lorakit.train.train`, on rows of random
+words cut to exactly `--seq` tokens (so every micro-batch is `--batch` x `--seq` with no padding and a label at
+every position). What is compared:
+
+- estimate: `MemoryEstimate.peak_bytes` (or `peak_bytes_checkpointed` with gradient checkpointing) from
+  `lorakit.memory.dry_run_estimate` for the same configuration: weights + LoRA parameters, gradients and AdamW
+  moments + activations kept for the backward pass + logits (and their softmax and gradient).
+- measured, CPU: (peak RSS over the training steps) - (RSS once torch, transformers and lorakit are imported,
+  before the tokenizer, data and model load). The resident-set high-water mark is reset (/proc/self/clear_refs)
+  when the first step starts, so the transient peak of reading the checkpoint does not count, while everything
+  that stays resident (weights, allocator caches, the tokenizer) does. `static` is the RSS at that moment
+  minus the same baseline, once every weight has been read (a memory-mapped checkpoint is paged in by the first
+  forward otherwise); `steps` = measured - static is what the steps add (estimate: everything but weights).
+- measured, CUDA: torch.cuda.max_memory_allocated over the steps, and memory_allocated when they start.
+
+On CPU each configuration runs twice: with glibc's default allocator settings (what a user sees), and with
+MALLOC_MMAP_THRESHOLD_=131072, which makes every freed block of 128 KiB or more go back to the operating system at
+once, so that the RSS follows the live tensors. The default setting raises its mmap threshold after large blocks
+are freed and then keeps freed transient buffers (activation intermediates, logits) in the heap: the difference
+between the two columns is that retention, not tensors the estimate forgot.
+
+    python bench/memory.py                       # tiny Llama and the packaged SmolLM2-135M, checkpointing off/on
+    python bench/memory.py --models tiny --quick # a smoke test
+    python bench/memory.py --json bench/memory.json --markdown
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import random
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import common
+
+# The "tiny" model: a small Llama with random weights and a word-level tokenizer (w0 ... w{vocab-5}), saved to
+# a temporary folder; big enough that its activations are not lost in the process's noise.
+TINY_LLAMA = dict(
+    vocab_size=2048,
+    hidden_size=256,
+    intermediate_size=688,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+DEFAULTS = {"tiny": dict(batch=8, seq=256), "smollm2": dict(batch=4, seq=256)}
+MALLOC = {"returned": {"MALLOC_MMAP_THRESHOLD_": "131072"}, "default": {"MALLOC_MMAP_THRESHOLD_": None}}
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str | None]) -> Iterator[None]:
+    """Environment variables set (None: removed) for the children started inside the block."""
+    saved = {k: os.environ.get(k) for k in values}
+    _set_environment(values)
+    try:
+        yield
+    finally:
+        _set_environment(saved)
+
+
+def _set_environment(values: dict[str, str | None]) -> None:
+    for key, value in values.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def save_tiny(folder: Path, seed: int) -> Path:
+    """TINY_LLAMA with its word-level tokenizer, as a Hugging Face model folder."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    torch.manual_seed(seed)
+    LlamaForCausalLM(LlamaConfig(**TINY_LLAMA)).save_pretrained(folder)
+    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(TINY_LLAMA["vocab_size"] - 4)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    ).save_pretrained(folder)
+    return folder
+
+
+def write_rows(path: Path, model: str, rows: int, seq: int, seed: int) -> Path:
+    """`rows` texts of random words, each longer than `seq` tokens (training cuts them to exactly `seq`)."""
+    rng = random.Random(seed)
+    if model == "tiny":
+        vocab = [f"w{i}" for i in range(TINY_LLAMA["vocab_size"] - 4)]
+    else:  # plain lowercase words: ~1-2 tokens each for SmolLM2's BPE
+        letters = "abcdefghijklmnopqrstuvwxyz"
+        vocab = ["".join(rng.choice(letters) for _ in range(rng.randrange(2, 8))) for _ in range(4000)]
+    texts = [" ".join(rng.choice(vocab) for _ in range(2 * seq)) for _ in range(rows)]
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return path
+
+
+def vm(key: str) -> int:
+    """A /proc/self/status value (VmRSS, VmHWM) in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {key} in /proc/self/status")
+
+
+def child(spec: dict[str, Any]) -> dict[str, Any]:
+    """Train `spec['steps']` steps in this (fresh) process; measure as the module docstring says."""
+    import torch
+
+    import lorakit.train
+    from lorakit.config import build_config
+    from lorakit.data import read_rows
+    from lorakit.memory import dry_run_estimate
+    from lorakit.models import PACKAGED
+
+    torch.set_num_threads(spec["threads"])
+    cuda = torch.cuda.is_available()
+    model = PACKAGED if spec["model"] == "smollm2" else spec["folder"]
+    values = dict(model=model, data=spec["data"], out=spec["out"], overwrite=True)
+    options = dict(
+        batch_size=spec["batch"],
+        max_length=spec["seq"],
+        max_steps=spec["steps"],
+        targets=spec["targets"],
+        rank=spec["rank"],
+        lr=1e-4,
+        gradient_checkpointing=spec["checkpointing"],
+    )
+    cfg = build_config(values, options, source="bench")
+    # Code is not data: import what the run will import (the model's modeling module through the meta model of
+    # the estimate, the data readers through a first read of the rows) before the baseline is taken.
+    est = dry_run_estimate(cfg)
+    read_rows(lorakit.train.data_spec(cfg, cfg.data, cfg.split, cfg.limit), task=cfg.task)
+    import rich.progress  # noqa: F401  (the progress bar)
+
+    gc.collect()
+    baseline = 0 if cuda else vm("VmRSS")
+    marks: dict[str, Any] = {}
+    real_add_lora, real_lr_at, real_write = lorakit.train.add_lora, lorakit.train.lr_at, lorakit.train.MetricsLog.write
+
+    def add_lora(model: Any, *args: Any, **kwargs: Any) -> Any:
+        marks["model"] = model
+        return real_add_lora(model, *args, **kwargs)
+
+    def lr_at(step: int, *args: Any) -> float:
+        if "static" not in marks:  # the first step starts: everything is loaded
+            with torch.no_grad():  # read every weight: pages of a memory-mapped checkpoint become resident now
+                for param in marks["model"].parameters():
+                    param.sum()
+            marks["static"] = torch.cuda.memory_allocated() if cuda else vm("VmRSS")
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            else:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")  # reset the high-water mark (Linux >= 4.0)
+        return real_lr_at(step, *args)
+
+    def write(self: Any, record: dict[str, Any]) -> None:  # after every step: the peak so far
+        marks["peak"] = torch.cuda.max_memory_allocated() if cuda else vm("VmHWM")
+        marks["tokens_per_s"] = record["tokens_per_s"]  # the last step's (the first one pays for first touches)
+        real_write(self, record)
+
+    lorakit.train.add_lora, lorakit.train.lr_at, lorakit.train.MetricsLog.write = add_lora, lr_at, write
+    result = lorakit.train.train(cfg)
+    estimate = est.peak_bytes_checkpointed if spec["checkpointing"] else est.peak_bytes
+    return {
+        **{k: spec[k] for k in ("model", "batch", "seq", "steps", "targets", "rank", "checkpointing")},
+        "device": "cuda" if cuda else "cpu",
+        "estimate_mb": estimate / 2**20,
+        "estimate_parts_mb": {k: v / 2**20 for k, v in est.to_json().items() if "bytes" in k},
+        "measured_mb": (marks["peak"] - baseline) / 2**20,
+        "static_mb": (marks["static"] - baseline) / 2**20,
+        "steps_mb": (marks["peak"] - marks["static"]) / 2**20,
+        "baseline_mb": baseline / 2**20,
+        "tokens_per_s": marks["tokens_per_s"],
+        "trainable_params": result.trainable_params,
+        "tokens_per_step": spec["batch"] * spec["seq"],
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="tiny,smollm2", help="comma-separated: tiny, smollm2")
+    p.add_argument("--batch", type=int, help="micro-batch (default: 8 for tiny, 4 for smollm2)")
+    p.add_argument("--seq", type=int, help="tokens per example (default: 256)")
+    p.add_argument("--steps", type=int, default=2, help="optimizer steps (the AdamW moments exist from step 2)")
+    p.add_argument("--targets", default="q,v")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--checkpointing", default="off,on", help="gradient checkpointing settings to run: off, on")
+    p.add_argument("--threads", type=int, default=1, help="torch threads in each child")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="batch 2 x 64 tokens, checkpointing off: a smoke test")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return
+    if args.quick:
+        args.batch, args.seq, args.checkpointing = 2, 64, "off"
+
+    info = common.machine("cpu")
+    print(f"machine: {common.describe(info)}", flush=True)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for model in args.models.split(","):
+            if model not in DEFAULTS:
+                raise SystemExit(f"unknown model {model!r}; expected tiny or smollm2")
+            batch = args.batch or DEFAULTS[model]["batch"]
+            seq = args.seq or DEFAULTS[model]["seq"]
+            model_dir = save_tiny(folder / "tiny", args.seed) if model == "tiny" else None
+            data = write_rows(folder / f"{model}.jsonl", model, batch * args.steps, seq, args.seed)
+            for setting in args.checkpointing.split(","):
+                spec = dict(
+                    model=model, folder=str(model_dir), data=str(data), out=str(folder / "run"), batch=batch,
+                    seq=seq, steps=args.steps, targets=args.targets, rank=args.rank, checkpointing=setting == "on",
+                    threads=args.threads,
+                )  # fmt: skip
+                pair = {}
+                for malloc in MALLOC:
+                    with environment(MALLOC[malloc]):
+                        pair[malloc] = common.run_child(__file__, ["--child", json.dumps(spec)])
+                    print(
+                        f"  {model}, checkpointing {setting}, malloc {malloc}: estimate "
+                        f"{pair[malloc]['estimate_mb']:.0f} MiB, measured {pair[malloc]['measured_mb']:.0f} MiB",
+                        flush=True,
+                    )
+                default = {f"{k}_default": v for k, v in pair["default"].items() if k.endswith(("_mb", "_per_s"))}
+                results.append({**pair["returned"], **default})
+
+    columns = ["model", "batch x seq", "checkpointing", "estimate MiB", "measured MiB", "/ estimate"]
+    columns += ["glibc default MiB", "/ estimate", "static MiB (est. weights)", "steps MiB (est. the rest)"]
+    columns += ["tokens/s (glibc default)"]
+    rows = []
+    for r in results:
+        parts, estimate = r["estimate_parts_mb"], r["estimate_mb"]
+        rows.append(
+            [
+                r["model"],
+                f"{r['batch']} x {r['seq']}",
+                "on" if r["checkpointing"] else "off",
+                f"{estimate:.0f}",
+                f"{r['measured_mb']:.0f}",
+                f"{r['measured_mb'] / estimate:.2f}",
+                f"{r['measured_mb_default']:.0f}",
+                f"{r['measured_mb_default'] / estimate:.2f}",
+                f"{r['static_mb']:.0f} ({parts['weights_bytes']:.0f})",
+                f"{r['steps_mb']:.0f} ({estimate - parts['weights_bytes']:.0f})",
+                f"{r['tokens_per_s']:.0f} ({r['tokens_per_s_default']:.0f})",
+            ]
+        )
+    title = f"lorakit train peak memory, {args.targets} r={args.rank}, fp32, {args.steps} steps"
+    common.print_table(title, columns, rows, args.markdown)
+    print("measured: freed memory returned to the OS (MALLOC_MMAP_THRESHOLD_=131072); glibc default: as a user runs")
+    print(f"machine: {common.describe(info)}")
+    settings = {k: v for k, v in vars(args).items() if k not in ("child", "json", "markdown")}
+    settings["tiny_llama"] = TINY_LLAMA
+    common.write_json(args.json, {"machine": info, "settings": settings, "command": sys.argv, "results": results})
+
+
+if __name__ == "__main__":
+    main()
