@@ -2,6 +2,7 @@
 
 import json
 import os
+import stat
 import struct
 
 import pytest
@@ -11,7 +12,7 @@ from tiny import probe_ids, randomize_lora, tiny_gpt2, tiny_llama
 
 import lorakit
 from lorakit.adapter import read_adapter
-from lorakit.files import write_atomic
+from lorakit.files import atomic_dir, write_atomic
 
 
 def logits(model, ids=None):
@@ -237,3 +238,16 @@ def test_trained_head_is_saved_loaded_and_checked(tmp_path):
         lorakit.load_adapter(tiny_bert(num_labels=2), path)
     with pytest.raises(lorakit.LorakitError, match="not supported yet"):
         export_peft(path, tmp_path / "peft")
+
+
+def test_atomic_writes_get_the_usual_permissions(tmp_path):
+    """mkstemp/mkdtemp create 0600/0700; files lorakit writes get 0666/0777 less the umask, as open() gives."""
+    old = os.umask(0o022)
+    try:
+        write_atomic(tmp_path / "a.bin", b"x")
+        with atomic_dir(tmp_path / "out") as tmp:
+            (tmp / "f").write_bytes(b"y")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.bin").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
