@@ -1,10 +1,12 @@
 """Merge time and peak memory of `merge_to_folder` on a GPT-2 355M (gpt2-medium shape, random weights).
 
 Set-up (not timed): the base is saved as a model folder, wrapped with lorakit q,v r=4, given a non-zero B and
-saved as an adapter that records that folder. Then each repeat runs `merge_to_folder(adapter, out)` in a fresh
-child process, which reports the seconds of that call, its peak RSS, the RSS before it (Python, torch and
-transformers imported) and the seconds spent in each stage. The base file was written just before, so it is
-read from the page cache, as after a training run.
+saved as an adapter that records that folder. Then each repeat runs, in a fresh child process, the import of
+transformers' model code for that architecture (timed on its own: seconds that any tool loading the model pays
+once per process, and that vary with the machine's file cache), then `merge_to_folder(adapter, out)`, reporting
+the seconds of that call, its peak RSS, the RSS before it and the seconds spent in each stage. Last, the whole
+`lorakit merge` command is timed as a user runs it (Python start-up and every import included). The base file was
+written just before, so it is read from the page cache, as after a training run.
 
     python bench/merge.py --quick
     python bench/merge.py --json bench/merge.json
@@ -16,6 +18,7 @@ import argparse
 import contextlib
 import functools
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -80,9 +83,19 @@ def _timed_dir(fn: Callable[..., Any], seconds: dict[str, float]) -> Callable[..
 
 
 def child(adapter: str, out: str) -> dict[str, Any]:
-    """One `merge_to_folder` in this fresh process: seconds, peak RSS, and seconds per stage."""
+    """One `merge_to_folder` in this fresh process: seconds, peak RSS, and seconds per stage; before it, the
+    seconds to import transformers and the base's model class."""
     import lorakit.merge as merge
 
+    start = time.perf_counter()
+    from transformers import AutoConfig
+
+    from lorakit.adapter import read_adapter
+    from lorakit.models import _model_class
+
+    loaded = read_adapter(adapter)
+    _model_class(AutoConfig.from_pretrained(loaded.base_model), None, loaded.metadata.get("base_class"))
+    imports = time.perf_counter() - start
     seconds: dict[str, float] = {}
     for name in STAGES[:-1]:  # the names merge_to_folder looks up in its module: wrap them with a timer
         setattr(merge, name, _timed_stage(getattr(merge, name), name, seconds))
@@ -94,6 +107,7 @@ def child(adapter: str, out: str) -> dict[str, Any]:
     total = time.perf_counter() - start
     return {
         "seconds": total,
+        "import_seconds": imports,
         "peak_mb": common.peak_memory_mb("cpu"),
         "before_mb": before,
         "stages": seconds,
@@ -145,16 +159,27 @@ def main(argv: list[str] | None = None) -> None:
             )
             print(f"  run {i + 1}: {runs[-1]['seconds']:.2f} s, peak RSS {runs[-1]['peak_mb']:.0f} MiB", flush=True)
         merged_mb = folder_mb(folder / "merged-0")
+        cli = []
+        for i in range(args.repeats):
+            command = [sys.executable, "-m", "lorakit", "merge", str(adapter), "--out", str(folder / f"cli-{i}")]
+            start = time.perf_counter()
+            subprocess.run(command, check=True, capture_output=True)
+            cli.append(time.perf_counter() - start)
+            print(f"  `lorakit merge` command {i + 1}: {cli[-1]:.2f} s", flush=True)
 
     seconds = common.median([r["seconds"] for r in runs])
     peak = max(r["peak_mb"] for r in runs)
     before = common.median([r["before_mb"] for r in runs])
     stages = {s: common.median([r["stages"].get(s, 0.0) for r in runs]) for s in STAGES}
+    imports = common.median([r["import_seconds"] for r in runs])
     columns = ["quantity", "value"]
     rows = [
         ["merge_to_folder seconds (median)", f"{seconds:.2f}"],
         ["  runs", ", ".join(f"{r['seconds']:.2f}" for r in runs)],
         *([f"  {STAGE_LABELS[s]}", f"{stages[s]:.2f}"] for s in STAGES),
+        ["import of transformers' model code, before the call (median)", f"{imports:.2f}"],
+        ["`lorakit merge` command, wall seconds (median)", f"{common.median(cli):.2f}"],
+        ["  runs", ", ".join(f"{c:.2f}" for c in cli)],
         ["peak RSS MiB (max of runs)", f"{peak:.0f}"],
         ["RSS before the call MiB (imports)", f"{before:.0f}"],
         ["peak - before MiB", f"{peak - before:.0f}"],
@@ -172,6 +197,9 @@ def main(argv: list[str] | None = None) -> None:
     results = {
         "model": args.model,
         "seconds_median": seconds,
+        "import_seconds_median": imports,
+        "cli_seconds_median": common.median(cli),
+        "cli_seconds": cli,
         "peak_mb": peak,
         "before_mb": before,
         "base_mb": base_mb,

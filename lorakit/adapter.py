@@ -26,7 +26,7 @@ from torch import nn
 from . import __version__
 from .errors import LorakitError
 from .files import write_atomic
-from .fingerprint import combine_digests, sketches_match
+from .fingerprint import combine_digests, digest_algorithm, sketches_match
 from .lora import LoRALayer, Slice, base_shape, is_linear_like
 from .targets import Target
 from .wrap import lora_layers, target_of, unmerge_adapter, unwrap, wrap_targets
@@ -137,6 +137,7 @@ def adapter_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[Modul
     """The A/B tensors (named after base paths, fp32, CPU) and module records of a wrapped model."""
     tensors: dict[str, torch.Tensor] = {}
     modules = []
+    LoRALayer.fingerprint_all(layer for _, layer in lora_layers(model))
     for path, layer in lora_layers(model):
         info = _module_info(path, layer)
         modules.append(info)
@@ -278,11 +279,12 @@ def _same_structure(info: ModuleInfo, layer: LoRALayer) -> bool:
 def check_base(adapter: Adapter, model: nn.Module) -> None:
     """Refuse an adapter trained on other base weights (exact digest in the same dtype, sketch otherwise)."""
     layers = dict(lora_layers(model))
+    LoRALayer.fingerprint_all(layers[info.path] for info in adapter.modules)
     for info in adapter.modules:
         layer = layers[info.path]
         digest, sketch = layer.base_fingerprint()
         if layer.base_dtype == info.dtype:
-            same = digest == info.digest
+            same = layer.base_digest(digest_algorithm(info.digest)) == info.digest
         else:
             kind = "int8" if "int8" in (layer.base_dtype, info.dtype) else "float"
             same = sketches_match(sketch, info.sketch, kind)

@@ -1,7 +1,9 @@
 """Fingerprints of base weights: which base an adapter was trained on.
 
 Two views of one weight:
-- `digest`: sha256 of its bytes, exact (same weights, same dtype).
+- `digest`: a hash of its bytes, exact (same weights, same dtype): `blake2b:<hex>` (BLAKE2b-256, ~2.5x faster
+  than sha256 on CPUs without SHA instructions); adapters from lorakit 0.1 hold a bare sha256 hex digest,
+  which is still accepted.
 - `sketch`: a few signed projections of a fixed sample of its values, normalized by the sample's norm.
   The same weights in another dtype (bf16, fp16, int8) give nearly the same sketch; a different
   checkpoint gives values that differ by O(1).
@@ -20,12 +22,27 @@ SKETCH_PROJECTIONS = 4
 SKETCH_TOLERANCE = {"float": 0.03, "int8": 0.08}
 
 
-def weight_digest(weight: torch.Tensor) -> str:
-    """sha256 (hex) of a tensor's raw bytes, with its dtype and shape."""
+DIGEST = "blake2b"
+"""The digest algorithm new adapters record."""
+
+
+def weight_digest(weight: torch.Tensor, algorithm: str = DIGEST) -> str:
+    """Hash (hex) of a tensor's raw bytes, with its dtype and shape; `blake2b:`-prefixed, bare for sha256."""
     t = weight.detach().contiguous().cpu()
-    h = hashlib.sha256(f"{t.dtype}:{tuple(t.shape)}:".encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    if algorithm == "blake2b":
+        h = hashlib.blake2b(digest_size=32)
+    elif algorithm == "sha256":
+        h = hashlib.sha256()
+    else:
+        raise ValueError(f"unknown digest algorithm {algorithm!r}")
+    h.update(f"{t.dtype}:{tuple(t.shape)}:".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, no copy; hashing releases the GIL
+    return f"blake2b:{h.hexdigest()}" if algorithm == "blake2b" else h.hexdigest()
+
+
+def digest_algorithm(digest: str) -> str:
+    """The algorithm that made a recorded digest: blake2b (prefixed) or sha256 (bare, lorakit 0.1)."""
+    return "blake2b" if digest.startswith("blake2b:") else "sha256"
 
 
 def weight_sketch(weight: torch.Tensor) -> list[float]:

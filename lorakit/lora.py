@@ -8,6 +8,8 @@ carry one A/B pair per output slice, so `q,v` adapts those two slices and leaves
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import LorakitError
-from .fingerprint import weight_digest, weight_sketch
+from .fingerprint import DIGEST, weight_digest, weight_sketch
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,12 @@ class Slice:
 def is_conv1d(module: nn.Module) -> bool:
     """transformers' Conv1D (GPT-2): a linear layer whose weight is stored transposed, (in, out)."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No inf or NaN in `t`. A float32 sum is finite when every element is (inf and NaN propagate) and ~30x
+    cheaper than an elementwise test; only a sum that overflows needs the elementwise confirmation."""
+    return bool(torch.isfinite(t.sum(dtype=torch.float32))) or bool(torch.isfinite(t).all())
 
 
 def is_quantized(module: nn.Module) -> bool:
@@ -72,26 +80,46 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     return weight.detach().float() * (scb.float().unsqueeze(1) / 127.0)  # row-wise absmax int8
 
 
-class _AddToSlices(torch.autograd.Function):
-    """`out` with `parts[i]` added to output columns `ranges[i]`, other columns copied bit for bit.
+class _AddLowRankToSlices(torch.autograd.Function):
+    """`out` with `a_i B_i^T` added to output columns `ranges[i]` (a_i: the i-th group of r columns of `a`),
+    other columns copied bit for bit.
 
-    The same additions as `out[..., start:stop] += part`, without updating a slice of the base output in place:
-    autograd's backward for that (CopySlices) copies the whole gradient once per slice, which made a q,v layer's
-    step ~1.4x as slow as one adapting the whole `c_attn` (GPT-2 124M: +5% per training step). Here the backward
-    hands out views of the gradient.
+    Autograd over `out[..., start:stop] += F.linear(a_i, B_i)` costs more twice over: its backward (CopySlices)
+    copies the whole gradient once per slice (a q,v layer's step was ~1.4x one adapting the whole `c_attn`), and
+    each (..., out_slice) product is written out before it is added. Here one addmm per slice accumulates the
+    product straight into the output, and the backward reads the gradient's slices as views. With mixed dtypes
+    (autocast, a bf16 base) each product is formed in the dtype F.linear would use, then cast and added.
     """
 
     @staticmethod
-    def forward(ctx, out: torch.Tensor, ranges: tuple[tuple[int, int], ...], *parts: torch.Tensor) -> torch.Tensor:
-        ctx.ranges = ranges
-        result = out.clone()  # (..., out)
-        for (start, stop), part in zip(ranges, parts):
-            result[..., start:stop] += part
-        return result
+    def forward(ctx, out: torch.Tensor, a: torch.Tensor, ranges: tuple[tuple[int, int], ...], *bs: torch.Tensor):
+        rank = bs[0].shape[1]
+        a2 = a.reshape(-1, a.shape[-1])  # (tokens, n_slices * r)
+        result = out.reshape(-1, out.shape[-1]).clone()  # (tokens, out)
+        dtype = result.dtype
+        for i, (start, stop) in enumerate(ranges):
+            a_i, b = a2[:, i * rank : (i + 1) * rank], bs[i]
+            if a_i.dtype == b.dtype == result.dtype:
+                result[:, start:stop].addmm_(a_i, b.t())
+            else:
+                product = F.linear(a_i, b)  # (tokens, out_slice)
+                dtype = product.dtype
+                result[:, start:stop] += product.to(result.dtype)
+        ctx.ranges, ctx.rank, ctx.dtype, ctx.a_shape = ranges, rank, dtype, a.shape
+        ctx.save_for_backward(a2, *bs)
+        return result.view(out.shape)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        return (grad, None, *(grad[..., start:stop] for start, stop in ctx.ranges))
+        a2, *bs = ctx.saved_tensors
+        grad2 = grad.reshape(-1, grad.shape[-1])
+        r, dtype = ctx.rank, ctx.dtype
+        grad_a, grad_bs = [], []
+        for i, (start, stop) in enumerate(ctx.ranges):
+            g = grad2[:, start:stop].to(dtype)  # (tokens, out_slice), a view when no cast is needed
+            grad_a.append(g @ bs[i].to(dtype))  # (tokens, r)
+            grad_bs.append((g.t() @ a2[:, i * r : (i + 1) * r].to(dtype)).to(bs[i].dtype))  # (out_slice, r)
+        return grad, torch.cat(grad_a, dim=1).to(a2.dtype).view(ctx.a_shape), None, *grad_bs
 
 
 class LoRALayer(nn.Module):
@@ -165,14 +193,15 @@ class LoRALayer(nn.Module):
             return out
         h = self.dropout(x).to(self.lora_A[0].dtype)  # (..., in), fp32 unless autocast says otherwise
         if self.is_full:
-            delta = F.linear(F.linear(h, self.lora_A[0]) * self.scaling, self.lora_B[0])  # (..., out)
-            return out + delta.to(out.dtype)
+            a = F.linear(h, self.lora_A[0]) * self.scaling  # (..., r)
+            b = self.lora_B[0]
+            if a.dtype == b.dtype == out.dtype:  # out + a B^T in one addmm: no separate (..., out) product
+                width = out.shape[-1]
+                return torch.addmm(out.reshape(-1, width), a.reshape(-1, self.rank), b.t()).view(out.shape)
+            return out + F.linear(a, b).to(out.dtype)
         a = F.linear(h, torch.cat(list(self.lora_A))) * self.scaling  # (..., n_slices * r), one matmul
-        parts = [
-            F.linear(a[..., i * self.rank : (i + 1) * self.rank], b).to(out.dtype)  # (..., out_slice)
-            for i, b in enumerate(self.lora_B)
-        ]
-        return _AddToSlices.apply(out, tuple((s.start, s.stop) for s in self.slices), *parts)
+        ranges = tuple((s.start, s.stop) for s in self.slices)
+        return _AddLowRankToSlices.apply(out, a, ranges, *self.lora_B)
 
     def delta_weight(self, index: int) -> torch.Tensor:
         """scaling * B A for slice `index`, fp32, shape (out_slice, in)."""
@@ -187,6 +216,24 @@ class LoRALayer(nn.Module):
             weight = self.base.weight
             self._fingerprint = (weight_digest(weight), weight_sketch(dense_weight(self.base)))
         return self._fingerprint
+
+    def base_digest(self, algorithm: str = DIGEST) -> str:
+        """The unmerged base weight's digest by `algorithm` (the cached one, or computed for an old adapter)."""
+        if algorithm == DIGEST:
+            return self.base_fingerprint()[0]
+        if self.merged:
+            raise LorakitError("cannot fingerprint a merged layer; unmerge it first")
+        return weight_digest(self.base.weight, algorithm)
+
+    @staticmethod
+    def fingerprint_all(layers: Iterable[LoRALayer]) -> None:
+        """Compute the base fingerprints of many layers at once, one thread per torch thread: hashing releases
+        the GIL, and it is the slow part of saving or checking an adapter."""
+        pending = [layer for layer in layers if layer._fingerprint is None]
+        workers = min(len(pending), torch.get_num_threads())
+        if workers > 1:
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(LoRALayer.base_fingerprint, pending))  # list(): re-raises a worker's error here
 
     @property
     def base_dtype(self) -> str:
@@ -216,15 +263,20 @@ class LoRALayer(nn.Module):
                 "(`lorakit merge` does this) and merge there"
             )
         weight = self.base.weight
+        conv = is_conv1d(self.base)
         updates = []
         for i, s in enumerate(self.slices):
-            rows = weight[:, s.start : s.stop].T if is_conv1d(self.base) else weight[s.start : s.stop]  # (out_s, in)
-            new = rows.float() + sign * self.delta_weight(i).to(weight.device)
-            if not torch.isfinite(new).all():
+            # In the weight's own layout: Conv1D stores (in, out), so its slice is a block of columns and the
+            # update is (B A)^T = A^T B^T; walking a transposed view instead costs several times more.
+            part = weight[:, s.start : s.stop] if conv else weight[s.start : s.stop]
+            a = self.lora_A[i].detach().float().to(weight.device) * (sign * self.scaling)  # (r, in)
+            b = self.lora_B[i].detach().float().to(weight.device)  # (out_s, r)
+            new = (part.float() + (a.T @ b.T if conv else b @ a)).to(weight.dtype)
+            if not all_finite(new):
                 raise LorakitError(f"merging slice {s.name or 'all'} gives non-finite weights; adapter is corrupt")
-            updates.append((rows, new))
-        for rows, new in updates:  # write only once every slice checked out
-            rows.copy_(new.to(weight.dtype))
+            updates.append((part, new))
+        for part, new in updates:  # write only once every slice checked out
+            part.copy_(new)
 
     def extra_repr(self) -> str:
         names = ",".join(s.name or "all" for s in self.slices)

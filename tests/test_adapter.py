@@ -1,5 +1,6 @@
 """The adapter file: bit-exact round trip, size, metadata, strict loading, task switching."""
 
+import hashlib
 import json
 import os
 import stat
@@ -108,6 +109,25 @@ def test_same_weights_in_bf16_are_accepted_by_the_sketch(saved):
     base = tiny_gpt2().to(torch.bfloat16)
     lorakit.load_adapter(base, path)
     assert base.transformer.h[0].attn.c_attn.lora_A[0].dtype == torch.float32
+
+
+def test_digests_are_blake2b_of_the_weight_bytes_and_old_sha256_ones_still_match(saved):
+    _, path = saved
+    original = read_adapter(path)
+    weight = tiny_gpt2().transformer.h[0].attn.c_attn.weight.detach()
+    raw = weight.contiguous().view(torch.uint8).numpy().tobytes()
+    prefix = f"{weight.dtype}:{tuple(weight.shape)}:".encode()
+    assert original.modules[0].digest == "blake2b:" + hashlib.blake2b(prefix + raw, digest_size=32).hexdigest()
+
+    # An adapter written by lorakit 0.1 records bare sha256 digests: still checked exactly, still accepted.
+    modules = json.loads(original.metadata["modules"])
+    modules[0]["digest"] = hashlib.sha256(prefix + raw).hexdigest()
+    rewrite(path, original, metadata={**original.metadata, "modules": json.dumps(modules)})
+    lorakit.load_adapter(tiny_gpt2(), path)
+    modules[0]["digest"] = hashlib.sha256(prefix + raw[:-1] + b"x").hexdigest()  # one byte off
+    rewrite(path, original, metadata={**original.metadata, "modules": json.dumps(modules)})
+    with pytest.raises(lorakit.LorakitError, match="trained on another base"):
+        lorakit.load_adapter(tiny_gpt2(), path)
 
 
 def test_task_switching_on_a_wrapped_model(tmp_path):

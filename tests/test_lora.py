@@ -2,11 +2,12 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from tiny import probe_ids, randomize_lora, tiny_bert, tiny_gpt2, tiny_llama
 from torch import nn
 
 import lorakit
-from lorakit.lora import LoRALayer, Slice
+from lorakit.lora import LoRALayer, Slice, all_finite
 
 
 def logits(model, ids):
@@ -59,6 +60,51 @@ def test_q_v_slices_leave_k_bit_identical():
     assert not torch.allclose(out[..., 2 * n :], base[..., 2 * n :])  # v
     layer.merge()
     assert torch.equal(layer(x)[..., n : 2 * n], base[..., n : 2 * n])  # k rows of the merged weight untouched
+
+
+def reference_forward(layer, x):
+    """The LoRA layer as plain autograd ops: base(x) + scaling * B_i A_i x on each output slice."""
+    out = layer.base(x)
+    parts = []
+    for s, a, b in zip(layer.slices, layer.lora_A, layer.lora_B):
+        start, stop = (0, out.shape[-1]) if s.name is None else (s.start, s.stop)
+        parts.append((start, stop, F.linear(F.linear(x.to(a.dtype), a) * layer.scaling, b).to(out.dtype)))
+    columns, at = [], 0
+    for start, stop, part in sorted(parts, key=lambda p: p[0]):
+        columns += [out[..., at:start], out[..., start:stop] + part]
+        at = stop
+    return torch.cat([*columns, out[..., at:]], dim=-1)
+
+
+@pytest.mark.parametrize("slices", [None, "qv"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16-base", "autocast-bf16"])
+def test_forward_and_gradients_equal_plain_autograd(slices, precision):
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    conv = Conv1D(24, 8)
+    if precision == "bf16-base":
+        conv = conv.to(torch.bfloat16)
+    chosen = None if slices is None else [Slice("q", 0, 8), Slice("v", 16, 24)]
+    layer = LoRALayer(conv, rank=2, alpha=4, slices=chosen)
+    with torch.no_grad():
+        for b in layer.lora_B:
+            b.normal_()
+    x = torch.randn(3, 5, 8, dtype=conv.weight.dtype)
+    grad = torch.randn(3, 5, 24)
+    results = []
+    for forward in (layer.forward, lambda x: reference_forward(layer, x)):
+        layer.zero_grad()
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "autocast-bf16"):
+            out = forward(xi)
+        out.backward(grad.to(out.dtype))
+        results.append([out, xi.grad, *(p.grad for p in layer.parameters() if p.requires_grad)])
+    fp32 = precision == "fp32"
+    for mine, expected in zip(*results):
+        assert mine.dtype == expected.dtype and mine.shape == expected.shape
+        assert torch.allclose(mine.float(), expected.float(), rtol=1e-5 if fp32 else 2e-2, atol=1e-5 if fp32 else 2e-2)
+    assert all(g is not None and g.dtype == torch.float32 for g in results[0][2:])
 
 
 def test_gpt2_medium_q_v_rank4_has_393216_parameters_from_config_alone():
@@ -141,6 +187,27 @@ def test_merge_refuses_non_finite_update_and_leaves_weight_unchanged():
     with pytest.raises(lorakit.LorakitError, match="non-finite"):
         layer.merge()
     assert torch.equal(layer.base.weight, before) and not layer.merged
+
+
+def test_merge_refuses_an_update_that_overflows_the_weight_dtype():
+    layer = LoRALayer(nn.Linear(4, 4).half(), rank=2, alpha=2)
+    before = layer.base.weight.clone()
+    with torch.no_grad():
+        layer.lora_A[0].fill_(300.0)  # B A = 2 * 300 * 300 = 180,000: finite in fp32, inf in fp16
+        layer.lora_B[0].fill_(300.0)
+    with pytest.raises(lorakit.LorakitError, match="non-finite"):
+        layer.merge()
+    assert torch.equal(layer.base.weight, before) and not layer.merged
+
+
+def test_all_finite_is_exact_even_when_the_sum_overflows():
+    big = torch.full((4, 4), 3e38)
+    assert all_finite(big)  # the float32 sum is inf; the elementwise test decides
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        t = torch.randn(64, 64)
+        t[5, 7] = bad
+        assert not all_finite(t) and not all_finite(t.half())
+    assert all_finite(torch.randn(64, 64).bfloat16())
 
 
 def test_bad_layer_arguments():
