@@ -63,12 +63,13 @@ def test_q_v_slices_leave_k_bit_identical():
 
 
 def reference_forward(layer, x):
-    """The LoRA layer as plain autograd ops: base(x) + scaling * B_i A_i x on each output slice."""
+    """The LoRA layer as plain autograd ops: base(x) + scaling * B_i A_i dropout(x) on each output slice."""
     out = layer.base(x)
+    h = layer.dropout(x)
     parts = []
     for s, a, b in zip(layer.slices, layer.lora_A, layer.lora_B):
         start, stop = (0, out.shape[-1]) if s.name is None else (s.start, s.stop)
-        parts.append((start, stop, F.linear(F.linear(x.to(a.dtype), a) * layer.scaling, b).to(out.dtype)))
+        parts.append((start, stop, F.linear(F.linear(h.to(a.dtype), a) * layer.scaling, b).to(out.dtype)))
     columns, at = [], 0
     for start, stop, part in sorted(parts, key=lambda p: p[0]):
         columns += [out[..., at:start], out[..., start:stop] + part]
@@ -76,32 +77,39 @@ def reference_forward(layer, x):
     return torch.cat([*columns, out[..., at:]], dim=-1)
 
 
+@pytest.mark.parametrize("base_type", ["conv1d", "linear"])
 @pytest.mark.parametrize("slices", [None, "qv"])
-@pytest.mark.parametrize("precision", ["fp32", "bf16-base", "autocast-bf16"])
-def test_forward_and_gradients_equal_plain_autograd(slices, precision):
+@pytest.mark.parametrize("precision", ["fp32", "fp32-dropout", "fp32-input-no-grad", "bf16-base", "autocast-bf16"])
+def test_forward_and_gradients_equal_plain_autograd(base_type, slices, precision):
     from transformers.pytorch_utils import Conv1D
 
     torch.manual_seed(0)
-    conv = Conv1D(24, 8)
+    base = Conv1D(24, 8) if base_type == "conv1d" else nn.Linear(8, 24, bias=slices is None)
     if precision == "bf16-base":
-        conv = conv.to(torch.bfloat16)
+        base = base.to(torch.bfloat16)
     chosen = None if slices is None else [Slice("q", 0, 8), Slice("v", 16, 24)]
-    layer = LoRALayer(conv, rank=2, alpha=4, slices=chosen)
+    layer = LoRALayer(base, rank=2, alpha=4, slices=chosen, dropout=0.5 if precision == "fp32-dropout" else 0.0)
     with torch.no_grad():
         for b in layer.lora_B:
             b.normal_()
-    x = torch.randn(3, 5, 8, dtype=conv.weight.dtype)
+    x = torch.randn(3, 5, 8, dtype=base.weight.dtype)
     grad = torch.randn(3, 5, 24)
     results = []
     for forward in (layer.forward, lambda x: reference_forward(layer, x)):
         layer.zero_grad()
-        xi = x.clone().requires_grad_()
+        xi = x.clone().requires_grad_(precision != "fp32-input-no-grad")
+        torch.manual_seed(1)  # the same dropout mask for both
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "autocast-bf16"):
+            # fp32: the hand-written _LoRALinear; otherwise autograd over the generic ops.
+            assert layer._fusable(xi) == precision.startswith("fp32")
             out = forward(xi)
         out.backward(grad.to(out.dtype))
         results.append([out, xi.grad, *(p.grad for p in layer.parameters() if p.requires_grad)])
-    fp32 = precision == "fp32"
+    fp32 = precision.startswith("fp32")
     for mine, expected in zip(*results):
+        if expected is None:
+            assert mine is None
+            continue
         assert mine.dtype == expected.dtype and mine.shape == expected.shape
         assert torch.allclose(mine.float(), expected.float(), rtol=1e-5 if fp32 else 2e-2, atol=1e-5 if fp32 else 2e-2)
     assert all(g is not None and g.dtype == torch.float32 for g in results[0][2:])
