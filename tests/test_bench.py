@@ -47,3 +47,15 @@ def test_merge_quick_merges_exactly(tmp_path):
     assert results["runs"][0]["max_abs_diff"] < 1e-4 and results["runs"][0]["modules"] == 2
     assert results["merged_mb"] == pytest.approx(results["base_mb"], rel=0.01)
     assert results["cli_seconds_median"] > 0 and results["import_seconds_median"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="needs peft (the dev extra)")
+def test_lora_layer_quick_times_base_peft_and_lorakit(tmp_path):
+    data = run_script("lora_layer", tmp_path)
+    by_case: dict[str, set] = {}
+    for r in data["results"]:
+        by_case.setdefault(r["case"], set()).add(r["system"])
+        assert r["median_ms"] > 0
+    assert by_case["quick c_attn"] == {"base", "peft", "lorakit"}
+    assert by_case["quick c_attn q,v"] == {"base", "lorakit"}  # PEFT has no q,v slices of a fused projection
