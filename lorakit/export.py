@@ -8,6 +8,9 @@ A fused projection adapted on k output slices (GPT-2 `c_attn` with q and v) has 
 exported as one rank k*r adapter on the whole module: A stacks the slices' A, B is block-structured (slice
 i's output rows use only columns i*r:(i+1)*r, other rows stay zero) and alpha becomes k*alpha, so that
 alpha/r, and with it the update, is unchanged. This is exact.
+
+A trained head (the `trained_params` of a classification adapter) is PEFT's `modules_to_save`: the config
+names the modules owning its parameters and the file holds them as `base_model.model.<param name>`.
 """
 
 from __future__ import annotations
@@ -70,11 +73,7 @@ def export_peft(adapter: str | os.PathLike, out: str | os.PathLike, overwrite: b
     from safetensors.torch import save_file
 
     source = read_adapter(adapter)
-    if source.trained_params:
-        raise LorakitError(
-            f"{adapter}: holds a fully trained head ({', '.join(source.trained_params)}); exporting it to PEFT "
-            "(modules_to_save) is not supported yet; use `lorakit merge` for a standalone model"
-        )
+    heads = _head_modules(source)
     tensors: dict[str, Tensor] = {}
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
@@ -82,7 +81,9 @@ def export_peft(adapter: str | os.PathLike, out: str | os.PathLike, overwrite: b
         a, b, ranks[info.path], alphas[info.path] = _peft_pair(info, source.tensors)
         tensors[f"{PREFIX}{info.path}.lora_A.weight"] = a.float().contiguous()
         tensors[f"{PREFIX}{info.path}.lora_B.weight"] = b.float().contiguous()
-    config = _peft_config(source, ranks, alphas)
+    for name in source.trained_params:  # PEFT stores a modules_to_save module's weights under their plain names
+        tensors[f"{PREFIX}{name}"] = source.tensors[name].float().contiguous()
+    config = _peft_config(source, ranks, alphas, heads)
     out = Path(out)
     with atomic_dir(out, overwrite) as tmp:
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
@@ -102,13 +103,35 @@ def _peft_pair(info: ModuleInfo, tensors: dict[str, Tensor]) -> tuple[Tensor, Te
     return a, b, k * r, k * info.alpha  # (k*alpha) / (k*r) = alpha / r
 
 
+def _head_modules(source: Adapter) -> list[str]:
+    """PEFT's modules_to_save for the adapter's trained head: the modules owning its parameters.
+
+    `classifier.weight` and `classifier.bias` give `classifier`; RoBERTa's `classifier.dense.*` and
+    `classifier.out_proj.*` give both of those. PEFT then replaces each listed module by a copy and loads
+    the file's parameters into it (non-strictly: a parameter that was not trained keeps the base's value).
+    """
+    adapted = {info.path for info in source.modules}
+    heads = []
+    for name in source.trained_params:
+        module = name.rpartition(".")[0]
+        if not module:
+            raise LorakitError(f"{source.path}: trained parameter {name} belongs to no module; PEFT cannot hold it")
+        if module in adapted or any(module.startswith(p + ".") for p in adapted):
+            raise LorakitError(
+                f"{source.path}: trained parameter {name} is inside an adapted module; PEFT cannot hold both"
+            )
+        if module not in heads:
+            heads.append(module)
+    return heads
+
+
 def _task_fields(base_class: str) -> dict[str, Any]:
     """task_type (and auto_mapping) for the base class the adapter was saved from.
 
-    Only causal LMs get a task type. PEFT's SEQ_CLS (like its other head tasks) puts the classifier into
-    modules_to_save and then expects its weights in the file, which a lorakit adapter does not hold (heads
-    are never adapted); with no task type PEFT wraps the model as it is, and `auto_mapping` (what PEFT itself
-    writes then) names the class for `AutoPeftModel`.
+    Only causal LMs get a task type. PEFT's SEQ_CLS (like its other head tasks) adds `classifier` and `score`
+    to modules_to_save whether or not the file holds their weights (a lorakit adapter holds a head only if
+    it trained one, listed in modules_to_save then); with no task type PEFT wraps the model as it is, and
+    `auto_mapping` (what PEFT itself writes then) names the class for `AutoPeftModel`.
     """
     if base_class.endswith(("ForCausalLM", "LMHeadModel")):
         return {"task_type": "CAUSAL_LM"}
@@ -116,7 +139,7 @@ def _task_fields(base_class: str) -> dict[str, Any]:
     return {"task_type": None, "auto_mapping": auto}
 
 
-def _peft_config(source: Adapter, ranks: dict[str, int], alphas: dict[str, float]) -> dict[str, Any]:
+def _peft_config(source: Adapter, ranks: dict[str, int], alphas: dict[str, float], heads: list[str]) -> dict[str, Any]:
     """adapter_config.json; the most common rank and alpha are global, the others go into the patterns."""
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
@@ -134,7 +157,7 @@ def _peft_config(source: Adapter, ranks: dict[str, int], alphas: dict[str, float
         "bias": "none",
         "use_rslora": False,
         "use_dora": False,
-        "modules_to_save": None,
+        "modules_to_save": heads or None,
         "init_lora_weights": True,
         "layers_to_transform": None,
         "layers_pattern": None,
@@ -172,21 +195,21 @@ def import_peft(
         peft_dir: folder with `adapter_config.json` and `adapter_model.safetensors`.
         out: the lorakit `.safetensors` file to write.
         model: the base's hub id or folder (default: the config's `base_model_name_or_path`); it is loaded
-            to check the modules and to fingerprint the base weights.
+            to check the modules and to fingerprint the base weights. With modules_to_save (a trained head),
+            it is loaded as the class in the config's `auto_mapping` (or as a sequence classifier for
+            task_type SEQ_CLS), with as many labels as the head's weights have.
         overwrite: replace an existing `out` file.
 
     Returns:
         The written adapter file.
     """
-    from .models import load_base
-
     peft_dir, out = Path(peft_dir), Path(out)
     if out.is_dir():
         raise LorakitError(f"{out}: is a folder; expected an adapter .safetensors file path")
     if out.exists() and not overwrite:
         raise LorakitError(f"{out}: file exists; choose another --out or pass --overwrite")
     config = read_peft_config(peft_dir)
-    pairs = read_peft_tensors(peft_dir)
+    pairs, heads = read_peft_tensors(peft_dir, config.get("modules_to_save") or [])
     source = model or config.get("base_model_name_or_path")
     if not source:
         raise LorakitError(
@@ -194,9 +217,10 @@ def import_peft(
         )
     alphas = {path: _alpha(peft_dir, config, path) for path in pairs}
     dropout = _dropout(peft_dir, config)
-    base = load_base(str(source))
+    base = _load_base_for(str(source), config, heads)
     _check_modules(peft_dir, base, pairs)
     base.requires_grad_(False)
+    _set_heads(peft_dir, base, heads)
     for path, (a, b) in pairs.items():
         rank = a.shape[0]  # the tensors are the truth for r; alpha only lives in the config
         wrap_targets(base, [Target(path, None)], rank, alphas[path], dropout)
@@ -241,11 +265,9 @@ def _check_plain_lora(path: Path, config: dict[str, Any]) -> None:
             raise LorakitError(f"{path}: {key} = {config[key]!r} ({what}); only plain LoRA can be imported")
     if config.get("bias", "none") != "none":
         raise LorakitError(f"{path}: bias = {config['bias']!r} (trained biases); only bias 'none' can be imported")
-    if config.get("modules_to_save"):
-        raise LorakitError(
-            f"{path}: modules_to_save = {config['modules_to_save']!r}; fully trained modules cannot be held "
-            "in a lorakit adapter (only LoRA A/B)"
-        )
+    heads = config.get("modules_to_save")
+    if heads is not None and not (isinstance(heads, list) and all(isinstance(h, str) and h for h in heads)):
+        raise LorakitError(f"{path}: modules_to_save = {heads!r}, expected a list of module names")
     init = config.get("init_lora_weights", True)
     if isinstance(init, str) and init.startswith(_RESIDUAL_INITS):
         raise LorakitError(
@@ -257,8 +279,9 @@ def _check_plain_lora(path: Path, config: dict[str, Any]) -> None:
             raise LorakitError(f"{path}: {key} = {config[key]!r}, expected an object of module patterns")
 
 
-def read_peft_tensors(peft_dir: Path) -> Pairs:
-    """{module path: (A (r, in), B (out, r))} from adapter_model.safetensors; never reads a pickle."""
+def read_peft_tensors(peft_dir: Path, modules_to_save: list[str] | None = None) -> tuple[Pairs, dict[str, Tensor]]:
+    """From adapter_model.safetensors (never a pickle): {module path: (A (r, in), B (out, r))} and the fully
+    trained parameters of the `modules_to_save` modules, {parameter name: tensor}."""
     from safetensors import SafetensorError, safe_open
 
     path = peft_dir / WEIGHTS_NAME
@@ -275,14 +298,20 @@ def read_peft_tensors(peft_dir: Path) -> Pairs:
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise LorakitError(f"{path}: not a readable safetensors file ({reason})") from None
-    return _pair_tensors(path, tensors)
+    return _pair_tensors(path, tensors, modules_to_save or [])
 
 
-def _pair_tensors(path: Path, tensors: dict[str, Tensor]) -> Pairs:
+def _pair_tensors(
+    path: Path, tensors: dict[str, Tensor], modules_to_save: list[str]
+) -> tuple[Pairs, dict[str, Tensor]]:
     found: dict[str, dict[str, Tensor]] = {}
+    heads: dict[str, Tensor] = {}
     adapter_names = set()
     for name, tensor in tensors.items():
         m = _TENSOR_NAME.fullmatch(name.removeprefix(PREFIX))
+        if name.startswith(PREFIX) and m is None and _in_modules(name.removeprefix(PREFIX), modules_to_save):
+            heads[name.removeprefix(PREFIX)] = _head_tensor(path, name, tensor)
+            continue
         if not name.startswith(PREFIX) or m is None:
             raise LorakitError(f"{path}: {_unexpected(name)}")
         adapter_names.add(m["adapter"])
@@ -312,7 +341,23 @@ def _pair_tensors(path: Path, tensors: dict[str, Tensor]) -> Pairs:
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise LorakitError(f"{path}: {module} holds NaN or inf values")
         pairs[module] = (a, b)
-    return pairs
+    return pairs, heads
+
+
+def _in_modules(name: str, modules_to_save: list[str]) -> bool:
+    """Whether parameter `name` lies in a module that PEFT's modules_to_save names (matched at the end of the
+    module's path, as PEFT matches it)."""
+    parts = name.split(".")[:-1]
+    owners = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    return any(owner == key or owner.endswith("." + key) for owner in owners for key in modules_to_save)
+
+
+def _head_tensor(path: Path, name: str, tensor: Tensor) -> Tensor:
+    if not torch.is_floating_point(tensor):
+        raise LorakitError(f"{path}: {name} is {tensor.dtype}; expected a float tensor")
+    if not torch.isfinite(tensor).all():
+        raise LorakitError(f"{path}: {name} holds NaN or inf values")
+    return tensor
 
 
 def _unexpected(name: str) -> str:
@@ -326,6 +371,40 @@ def _unexpected(name: str) -> str:
     if re.search(r"\.lora_[AB]\.", name) and not name.endswith(".weight"):
         return f"tensor {name} is LoRA on a non-linear layer (conv?); lorakit adapts linear layers only"
     return f"unexpected tensor {name}; expected {PREFIX}<module>.lora_A.weight and .lora_B.weight only"
+
+
+def _load_base_for(source: str, config: dict[str, Any], heads: dict[str, Tensor]) -> nn.Module:
+    """The base as import_peft needs it: as saved, or, with a trained head, the class and label count of
+    that head (a PEFT SEQ_CLS adapter usually sits on a base checkpoint without a classifier)."""
+    from .models import load_base
+
+    if not heads:
+        return load_base(source)
+    model_class = ((config.get("auto_mapping") or {}).get("base_model_class")) or None
+    task = "classification" if config.get("task_type") == "SEQ_CLS" and not model_class else None
+    base = load_base(source, task=task, model_class=model_class)
+    params = dict(base.named_parameters())
+    labels = {t.shape[0] for n, t in heads.items() if n in params and params[n].shape != t.shape and t.ndim}
+    if len(labels) == 1 and hasattr(base.config, "num_labels"):  # the output layer: (labels, hidden), (labels,)
+        base = load_base(source, task=task, model_class=model_class, num_labels=labels.pop())
+    return base
+
+
+def _set_heads(peft_dir: Path, model: nn.Module, heads: dict[str, Tensor]) -> None:
+    """Copy the trained head into the base and mark it trained, so that save_adapter stores it."""
+    where = peft_dir / WEIGHTS_NAME
+    params = dict(model.named_parameters())
+    for name, tensor in heads.items():
+        if name not in params:
+            raise LorakitError(f"{where}: {name} (modules_to_save) is not a parameter of the base model")
+        if params[name].shape != tensor.shape:
+            raise LorakitError(
+                f"{where}: {name} is {tuple(tensor.shape)}, the base's is {tuple(params[name].shape)}; "
+                "adapter for another base or number of labels?"
+            )
+        with torch.no_grad():
+            params[name].copy_(tensor)
+        params[name].requires_grad_(True)
 
 
 def _check_modules(peft_dir: Path, model: nn.Module, pairs: Pairs) -> None:

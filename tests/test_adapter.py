@@ -238,8 +238,6 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
 def test_trained_head_is_saved_loaded_and_checked(tmp_path):
     from tiny import tiny_bert
 
-    from lorakit.export import export_peft
-
     model = tiny_bert(num_labels=3)
     lorakit.add_lora(model, "q,v")
     randomize_lora(model)
@@ -256,8 +254,6 @@ def test_trained_head_is_saved_loaded_and_checked(tmp_path):
     assert torch.equal(logits(fresh), logits(model))
     with pytest.raises(lorakit.LorakitError, match="holds a trained classifier.weight of shape"):
         lorakit.load_adapter(tiny_bert(num_labels=2), path)
-    with pytest.raises(lorakit.LorakitError, match="not supported yet"):
-        export_peft(path, tmp_path / "peft")
 
 
 def test_atomic_writes_get_the_usual_permissions(tmp_path):

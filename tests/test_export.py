@@ -118,6 +118,53 @@ def test_export_sliced_module_is_block_structured(bases, tmp_path):
     assert torch.allclose(delta[64:], layer.delta_weight(1), atol=1e-6)  # v
 
 
+def tiny_roberta(seed: int = 0, num_labels: int = 2):
+    """A RoBERTa classifier: its head is two modules, classifier.dense and classifier.out_proj."""
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = RobertaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+        pad_token_id=1,
+    )
+    return RobertaForSequenceClassification(config).eval()
+
+
+@pytest.mark.parametrize(
+    "build, heads",
+    [(tiny_bert, ["classifier"]), (tiny_roberta, ["classifier.dense", "classifier.out_proj"])],
+)
+def test_export_with_trained_head_loads_in_peft(tmp_path, build, heads):
+    model = build(num_labels=3)
+    lorakit.add_lora(model, "q,v")
+    randomize_lora(model)
+    head = [p for n, p in model.named_parameters() if n.startswith("classifier.")]
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in head:
+            p.copy_(torch.randn(p.shape, generator=g))
+            p.requires_grad_(True)  # a new head, trained in full next to LoRA
+    save_adapter(model, tmp_path / "a.safetensors")
+    out = export_peft(tmp_path / "a.safetensors", tmp_path / "peft")
+
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == heads
+    assert config["task_type"] is None and config["auto_mapping"]["base_model_class"] == type(model).__name__
+    stored = _peft_tensors(out)
+    for name in read_adapter(tmp_path / "a.safetensors").trained_params:
+        assert torch.equal(stored[f"base_model.model.{name}"], model.get_parameter(name))
+    fresh = build(num_labels=3)  # the same base weights, the head as initialized
+    assert (logits(fresh) - logits(model)).abs().max().item() > 0.1
+    loaded = peft.PeftModel.from_pretrained(fresh, out).eval()
+    assert (logits(loaded) - logits(model)).abs().max().item() <= TOL
+
+
 def test_export_mixed_ranks_use_patterns(bases, tmp_path):
     lorakit_adapter(bases["gpt2"], "q,v,o", tmp_path / "a.safetensors", rank=2, alpha=8)
     out = export_peft(tmp_path / "a.safetensors", tmp_path / "peft")
@@ -198,6 +245,46 @@ def test_round_trip_of_sliced_adapter_keeps_outputs(bases, tmp_path):
     assert (logits(back) - logits(model)).abs().max().item() <= TOL
 
 
+def test_import_of_seq_cls_adapter_keeps_its_head(tmp_path):
+    """A PEFT SEQ_CLS adapter (LoRA + modules_to_save classifier) on a base saved without a head."""
+    from transformers import BertForSequenceClassification
+
+    folder = save_model(tiny_bert().bert, tmp_path / "base")  # a BertModel checkpoint: no classifier
+    model = BertForSequenceClassification.from_pretrained(folder, num_labels=3)
+    config = peft.LoraConfig(task_type="SEQ_CLS", target_modules=["query", "value"], r=2, lora_alpha=6)
+    reference = peft.get_peft_model(model, config)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+    reference.save_pretrained(tmp_path / "peft")
+    reference.eval()
+
+    out = import_peft(tmp_path / "peft", tmp_path / "a.safetensors", model=str(folder))
+    adapter = read_adapter(out)
+    assert adapter.trained_params == {"classifier.weight": (3, 32), "classifier.bias": (3,)}
+    assert adapter.metadata["num_labels"] == "3"
+    fresh = BertForSequenceClassification.from_pretrained(folder, num_labels=3).eval()  # another random head
+    assert (logits(fresh) - logits(reference)).abs().max().item() > 0.1
+    lorakit.load_adapter(fresh, out)
+    assert (logits(fresh) - logits(reference)).abs().max().item() <= TOL
+
+    export_peft(out, tmp_path / "back")  # and back: the same head tensors under the same names
+    before, after = _peft_tensors(tmp_path / "peft"), _peft_tensors(tmp_path / "back")
+    for name in ("classifier.weight", "classifier.bias"):
+        assert torch.equal(before[f"base_model.model.{name}"], after[f"base_model.model.{name}"])
+
+
+def test_import_refuses_head_the_base_lacks(bases, tmp_path):
+    tensors = {f"{Q0}.lora_A.weight": torch.randn(2, 32), f"{Q0}.lora_B.weight": torch.randn(32, 2)}
+    tensors["classifier.weight"] = torch.randn(3, 32)
+    peft_dir = write_peft(tmp_path / "peft", base=bases["llama"], tensors=tensors, modules_to_save=["classifier"])
+    with pytest.raises(LorakitError, match="classifier.weight \\(modules_to_save\\) is not a parameter of the base"):
+        import_peft(peft_dir, tmp_path / "a.safetensors")
+    assert not (tmp_path / "a.safetensors").exists()
+
+
 def test_import_refuses_existing_file_unless_overwrite(bases, tmp_path):
     lorakit_adapter(bases["llama"], "q", tmp_path / "a.safetensors")
     export_peft(tmp_path / "a.safetensors", tmp_path / "peft")
@@ -240,7 +327,7 @@ def write_peft(folder: Path, base: Path | None = None, tensors: dict | None = No
         (dict(use_rslora=True), "rsLoRA scaling alpha/sqrt(r)"),
         (dict(bias="all"), "bias = 'all'"),
         (dict(lora_bias=True), "lora_bias"),
-        (dict(modules_to_save=["classifier"]), "modules_to_save = ['classifier']"),
+        (dict(modules_to_save="classifier"), "modules_to_save = 'classifier', expected a list of module names"),
         (dict(init_lora_weights="pissa"), "changes the base weights"),
         (dict(lora_dropout=1.5), "lora_dropout"),
         (dict(alpha_pattern={"q_proj": "big"}), "lora_alpha for model.layers.0.self_attn.q_proj is 'big'"),
