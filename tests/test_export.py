@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from tiny import probe_ids, randomize_lora, save_model, tiny_bert, tiny_gpt2, tiny_llama
+from tiny import probe_ids, randomize_lora, save_model, tiny_bert, tiny_gpt2, tiny_llama, tiny_roberta
 from torch import nn
 
 import lorakit
@@ -116,24 +116,6 @@ def test_export_sliced_module_is_block_structured(bases, tmp_path):
     delta = (b @ a) * 16 / 4  # (out, in), PEFT's update
     assert torch.allclose(delta[:32], layer.delta_weight(0), atol=1e-6)  # q
     assert torch.allclose(delta[64:], layer.delta_weight(1), atol=1e-6)  # v
-
-
-def tiny_roberta(seed: int = 0, num_labels: int = 2):
-    """A RoBERTa classifier: its head is two modules, classifier.dense and classifier.out_proj."""
-    from transformers import RobertaConfig, RobertaForSequenceClassification
-
-    torch.manual_seed(seed)
-    config = RobertaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-        num_labels=num_labels,
-        pad_token_id=1,
-    )
-    return RobertaForSequenceClassification(config).eval()
 
 
 @pytest.mark.parametrize(

@@ -40,10 +40,7 @@ def tiny_llama(seed: int = 0, **overrides):
     return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
 
 
-def tiny_bert(seed: int = 0, num_labels: int = 2, **overrides):
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(seed)
+def _encoder_config(num_labels: int, **overrides) -> dict:
     cfg = dict(
         vocab_size=VOCAB,
         hidden_size=32,
@@ -55,7 +52,23 @@ def tiny_bert(seed: int = 0, num_labels: int = 2, **overrides):
         pad_token_id=0,
     )
     cfg.update(overrides)
-    return BertForSequenceClassification(BertConfig(**cfg)).eval()
+    return cfg
+
+
+def tiny_bert(seed: int = 0, num_labels: int = 2, **overrides):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(BertConfig(**_encoder_config(num_labels, **overrides))).eval()
+
+
+def tiny_roberta(seed: int = 0, num_labels: int = 2, **overrides):
+    """A RoBERTa classifier: its head is two modules, classifier.dense and classifier.out_proj."""
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = _encoder_config(num_labels, pad_token_id=1, **overrides)
+    return RobertaForSequenceClassification(RobertaConfig(**cfg)).eval()
 
 
 def tiny_tokenizer():
