@@ -345,8 +345,8 @@ def _pair_tensors(
 
 
 def _in_modules(name: str, modules_to_save: list[str]) -> bool:
-    """Whether parameter `name` lies in a module that PEFT's modules_to_save names (matched at the end of the
-    module's path, as PEFT matches it)."""
+    """Whether parameter `name` lies in a module that modules_to_save names: a key equal to the module's path
+    or ending it at a dot (PEFT's own suffix match is looser; a stricter match only refuses more)."""
     parts = name.split(".")[:-1]
     owners = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
     return any(owner == key or owner.endswith("." + key) for owner in owners for key in modules_to_save)
