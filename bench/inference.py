@@ -71,7 +71,9 @@ def decode_fn(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> Callab
             out = model(input_ids=prompt, use_cache=True)
             for _ in range(new_tokens):
                 token = out.logits[:, -1:].argmax(-1)  # (batch, 1)
-                out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+                # transformers >= 5.24 calls the KV cache `cache`; earlier versions `past_key_values`
+                cache = {"cache": out.cache} if "cache" in out else {"past_key_values": out.past_key_values}
+                out = model(input_ids=token, use_cache=True, **cache)
 
     return run
 
