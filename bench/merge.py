@@ -116,6 +116,21 @@ def child(adapter: str, out: str) -> dict[str, Any]:
     }
 
 
+def plain_write_seconds(folder: Path, size: int, repeats: int) -> list[float]:
+    """Seconds to write `size` bytes to a new file in `folder` with one plain write(), `repeats` times: what the
+    file system alone takes for a file as large as the merged weights (no fsync, like save_pretrained)."""
+    data = bytes(size)
+    seconds = []
+    for i in range(repeats):
+        path = folder / f"plain-{i}.bin"
+        start = time.perf_counter()
+        with open(path, "wb") as f:
+            f.write(data)
+        seconds.append(time.perf_counter() - start)
+        path.unlink()
+    return seconds
+
+
 def folder_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
 
@@ -166,6 +181,9 @@ def main(argv: list[str] | None = None) -> None:
             subprocess.run(command, check=True, capture_output=True)
             cli.append(time.perf_counter() - start)
             print(f"  `lorakit merge` command {i + 1}: {cli[-1]:.2f} s", flush=True)
+        weights = sum(f.stat().st_size for f in (folder / "merged-0").glob("*.safetensors"))
+        plain = plain_write_seconds(folder, weights, args.repeats)
+        print(f"  plain write of {weights / 2**20:.0f} MiB: {', '.join(f'{s:.2f}' for s in plain)} s", flush=True)
 
     seconds = common.median([r["seconds"] for r in runs])
     peak = max(r["peak_mb"] for r in runs)
@@ -177,6 +195,7 @@ def main(argv: list[str] | None = None) -> None:
         ["merge_to_folder seconds (median)", f"{seconds:.2f}"],
         ["  runs", ", ".join(f"{r['seconds']:.2f}" for r in runs)],
         *([f"  {STAGE_LABELS[s]}", f"{stages[s]:.2f}"] for s in STAGES),
+        ["  a plain write() of the same bytes to a new file there (median)", f"{common.median(plain):.2f}"],
         ["import of transformers' model code, before the call (median)", f"{imports:.2f}"],
         ["`lorakit merge` command, wall seconds (median)", f"{common.median(cli):.2f}"],
         ["  runs", ", ".join(f"{c:.2f}" for c in cli)],
@@ -200,6 +219,8 @@ def main(argv: list[str] | None = None) -> None:
         "import_seconds_median": imports,
         "cli_seconds_median": common.median(cli),
         "cli_seconds": cli,
+        "plain_write_seconds": plain,
+        "plain_write_seconds_median": common.median(plain),
         "peak_mb": peak,
         "before_mb": before,
         "base_mb": base_mb,

@@ -129,9 +129,10 @@ class _LoRALinear(torch.autograd.Function):
 
     What autograd over the same ops would do, with less memory traffic (~half the LoRA overhead of a training step
     on a CPU): the products go straight into the base output (addmm), and the input gradient `g W + (g B) A`
-    is formed in one buffer instead of two that autograd then adds. Only for plain nn.Linear / Conv1D bases with
-    frozen weights, one dtype throughout and no autocast (`LoRALayer._fusable`); bit-identical to the ops it
-    replaces.
+    is formed in one buffer instead of two that autograd then adds; the skinny products with the gradient are
+    formed transposed. Only for plain nn.Linear / Conv1D bases with frozen weights, one dtype throughout and no
+    autocast (`LoRALayer._fusable`); equal to autograd over the same ops up to float rounding of the summation
+    order (the forward output is bit-identical).
     """
 
     @staticmethod

@@ -47,6 +47,7 @@ def test_merge_quick_merges_exactly(tmp_path):
     assert results["runs"][0]["max_abs_diff"] < 1e-4 and results["runs"][0]["modules"] == 2
     assert results["merged_mb"] == pytest.approx(results["base_mb"], rel=0.01)
     assert results["cli_seconds_median"] > 0 and results["import_seconds_median"] > 0
+    assert len(results["plain_write_seconds"]) == 1 and results["plain_write_seconds_median"] > 0
 
 
 @pytest.mark.slow
