@@ -87,16 +87,16 @@ def lorakit_command(args: argparse.Namespace, out: Path) -> list[str]:
 
 def lorakit_config(args: argparse.Namespace) -> Any:
     """The TrainConfig the command line above resolves to."""
-    from lorakit.config import build_config, read_recipe
+    from lorakit.training.config import build_config, read_recipe
 
     return build_config(read_recipe(RECIPE), lorakit_flags(args), source=str(RECIPE))
 
 
 def lorakit_encoding(cfg: Any) -> Any:
-    """lorakit's own encoding of the training rows (lorakit.data.Encoded), as `lorakit train` makes it."""
-    from lorakit.data import encode, read_rows
+    """lorakit's own encoding of the training rows (lorakit.training.data.Encoded), as `lorakit train` makes it."""
     from lorakit.models import load_tokenizer
-    from lorakit.train import data_spec
+    from lorakit.training.data import encode, read_rows
+    from lorakit.training.loop import data_spec
 
     spec = data_spec(cfg, cfg.data, cfg.split, cfg.limit)
     return encode(read_rows(spec, task=cfg.task), load_tokenizer(cfg.model), cfg.max_length, spec)
@@ -104,7 +104,7 @@ def lorakit_encoding(cfg: Any) -> Any:
 
 def lorakit_batches(encoded: Any, cfg: Any) -> list[list[int]]:
     """The example indices of each batch of lorakit's first epoch."""
-    from lorakit.data import batch_order
+    from lorakit.training.data import batch_order
 
     return batch_order(encoded.lengths, cfg.batch_size, cfg.seed, 0)
 
@@ -162,7 +162,7 @@ class Meter:
 
 def worker_lorakit(args: argparse.Namespace) -> dict[str, Any]:
     """Run `lorakit train ...` in this process and time its training loop."""
-    import lorakit.train as lorakit_train
+    import lorakit.training.loop as lorakit_train
     from lorakit.cli import app
 
     meter = Meter()
@@ -186,7 +186,7 @@ def worker_lorakit(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         lorakit_train._progress = original
     if "epoch_s" not in meter.result:
-        raise SystemExit("lorakit's training loop was never timed (lorakit.train._progress not used?)")
+        raise SystemExit("lorakit's training loop was never timed (lorakit.training.loop._progress not used?)")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     return {
@@ -201,8 +201,8 @@ def worker_lorakit(args: argparse.Namespace) -> dict[str, Any]:
 
 def trl_rows(cfg: Any, tokenizer: Any) -> list[dict[str, Any]]:
     """TRL's prompt/completion rows: the recipe's templates filled in (TRL appends EOS to the completion)."""
-    from lorakit.data import read_rows, template_values
-    from lorakit.train import data_spec
+    from lorakit.training.data import read_rows, template_values
+    from lorakit.training.loop import data_spec
 
     spec = data_spec(cfg, cfg.data, cfg.split, cfg.limit)
     special = {"eos": tokenizer.eos_token, "bos": tokenizer.bos_token or ""}
@@ -226,9 +226,9 @@ def build_trl(args: argparse.Namespace, cfg: Any, encoded: Any, out: Path, callb
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
     from trl import SFTConfig, SFTTrainer
 
-    from lorakit.data import IGNORE
     from lorakit.models import packaged_model_dir
-    from lorakit.train import lr_at
+    from lorakit.training.data import IGNORE
+    from lorakit.training.loop import lr_at
 
     if cfg.model is not None or cfg.targets != "q,v" or cfg.layers or cfg.grad_accum != 1:
         raise SystemExit("this benchmark maps the smollm2-e2e recipe only (packaged model, q,v, no accumulation)")
@@ -546,7 +546,7 @@ def report(summary: list[dict[str, Any]], data: dict[str, Any], info: dict[str, 
     notes.append(
         "- Learning rate: "
         + (
-            "lorakit's schedule in TRL too (LambdaLR over lorakit.train.lr_at: (s+1)/warmup, then linear decay)."
+            "lorakit's schedule in TRL too (LambdaLR over lr_at: (s+1)/warmup, then linear decay)."
             if args.trl_schedule == "lorakit"
             else "TRL's own linear schedule (s/warmup: step 0 at lr 0), lorakit's (s+1)/warmup."
         )
@@ -597,7 +597,7 @@ def dataset_facts(args: argparse.Namespace) -> tuple[dict[str, Any], Any, Any]:
 
 def check_only(args: argparse.Namespace) -> None:
     """--check: build TRL's dataset as the worker does and compare it with lorakit's encoding; no training."""
-    from lorakit.data import IGNORE
+    from lorakit.training.data import IGNORE
 
     cfg = lorakit_config(args)
     encoded = lorakit_encoding(cfg)

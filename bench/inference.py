@@ -32,7 +32,7 @@ SYSTEMS = ("base", "merged", "unmerged")
 def build_systems(name: str, args: argparse.Namespace) -> tuple[dict[str, nn.Module], float]:
     """base, merged and unmerged models of one base; also max |logits difference| merged vs unmerged."""
     import lorakit
-    from lorakit.wrap import unwrap
+    from lorakit.lora.wrap import unwrap
 
     base = common.build_model(name, args.seed, args.device)
     unmerged = common.shared_copy(base)  # the adapter leaves the base weights alone: share them

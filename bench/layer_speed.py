@@ -116,7 +116,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     # Every child imports the same modules, whichever system it runs, so that their baselines compare.
     import peft  # noqa: F401
 
-    import lorakit.wrap  # noqa: F401
+    import lorakit.lora.wrap  # noqa: F401
 
     base = common.build_model(args.models, args.seed, args.device)
     model, optimizer = prepare(args.child, base, args)

@@ -55,7 +55,7 @@ def systems_for(case: tuple[int, int, bool, str | None], args: argparse.Namespac
     from peft import LoraConfig, get_peft_model
     from transformers.pytorch_utils import Conv1D
 
-    from lorakit.lora import LoRALayer, Slice
+    from lorakit.lora.layer import LoRALayer, Slice
 
     n_in, n_out, conv, slices = case
     torch.manual_seed(args.seed)

@@ -1,11 +1,11 @@
 """Peak memory of `lorakit train`: the `--dry-run` estimate against a measurement, per model and setting.
 
-Each configuration trains in a fresh child process, through the real `lorakit.train.train`, on rows of random
+Each configuration trains in a fresh child process, through the real `loop.train`, on rows of random
 words cut to exactly `--seq` tokens (so every micro-batch is `--batch` x `--seq` with no padding and a label at
 every position). What is compared:
 
 - estimate: `MemoryEstimate.peak_bytes` (or `peak_bytes_checkpointed` with gradient checkpointing) from
-  `lorakit.memory.dry_run_estimate` for the same configuration: weights + LoRA parameters, gradients and AdamW
+  `lorakit.training.memory.dry_run_estimate` for the same configuration: weights + LoRA parameters, gradients and AdamW
   moments + activations kept for the backward pass + logits (and their softmax and gradient).
 - measured, CPU: (peak RSS over the training steps) - (RSS once torch, transformers and lorakit are imported,
   before the tokenizer, data and model load). The resident-set high-water mark is reset (/proc/self/clear_refs)
@@ -124,11 +124,11 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     """Train `spec['steps']` steps in this (fresh) process; measure as the module docstring says."""
     import torch
 
-    import lorakit.train
-    from lorakit.config import build_config
-    from lorakit.data import read_rows
-    from lorakit.memory import dry_run_estimate
+    import lorakit.training.loop as loop
     from lorakit.models import PACKAGED
+    from lorakit.training.config import build_config
+    from lorakit.training.data import read_rows
+    from lorakit.training.memory import dry_run_estimate
 
     torch.set_num_threads(spec["threads"])
     cuda = torch.cuda.is_available()
@@ -147,13 +147,13 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     # Code is not data: import what the run will import (the model's modeling module through the meta model of
     # the estimate, the data readers through a first read of the rows) before the baseline is taken.
     est = dry_run_estimate(cfg)
-    read_rows(lorakit.train.data_spec(cfg, cfg.data, cfg.split, cfg.limit), task=cfg.task)
+    read_rows(loop.data_spec(cfg, cfg.data, cfg.split, cfg.limit), task=cfg.task)
     import rich.progress  # noqa: F401  (the progress bar)
 
     gc.collect()
     baseline = 0 if cuda else vm("VmRSS")
     marks: dict[str, Any] = {}
-    real_add_lora, real_lr_at, real_write = lorakit.train.add_lora, lorakit.train.lr_at, lorakit.train.MetricsLog.write
+    real_add_lora, real_lr_at, real_write = loop.add_lora, loop.lr_at, loop.MetricsLog.write
 
     def add_lora(model: Any, *args: Any, **kwargs: Any) -> Any:
         marks["model"] = model
@@ -177,8 +177,8 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         marks["tokens_per_s"] = record["tokens_per_s"]  # the last step's (the first one pays for first touches)
         real_write(self, record)
 
-    lorakit.train.add_lora, lorakit.train.lr_at, lorakit.train.MetricsLog.write = add_lora, lr_at, write
-    result = lorakit.train.train(cfg)
+    loop.add_lora, loop.lr_at, loop.MetricsLog.write = add_lora, lr_at, write
+    result = loop.train(cfg)
     estimate = est.peak_bytes_checkpointed if spec["checkpointing"] else est.peak_bytes
     return {
         **{k: spec[k] for k in ("model", "batch", "seq", "steps", "targets", "rank", "checkpointing")},

@@ -85,12 +85,12 @@ def _timed_dir(fn: Callable[..., Any], seconds: dict[str, float]) -> Callable[..
 def child(adapter: str, out: str) -> dict[str, Any]:
     """One `merge_to_folder` in this fresh process: seconds, peak RSS, and seconds per stage; before it, the
     seconds to import transformers and the base's model class."""
-    import lorakit.merge as merge
+    import lorakit.deploy.merge as merge
 
     start = time.perf_counter()
     from transformers import AutoConfig
 
-    from lorakit.adapter import read_adapter
+    from lorakit.lora.adapter import read_adapter
     from lorakit.models import _model_class
 
     loaded = read_adapter(adapter)

@@ -10,15 +10,15 @@ from typing import Any
 __version__ = "0.1.0"
 
 _API = {
-    "add_lora": "wrap",
-    "merge_adapter": "wrap",
-    "unmerge_adapter": "wrap",
-    "set_adapter_enabled": "wrap",
-    "lora_layers": "wrap",
-    "save_adapter": "adapter",
-    "load_adapter": "adapter",
-    "read_adapter": "adapter",
-    "LoRALayer": "lora",
+    "add_lora": "lora.wrap",
+    "merge_adapter": "lora.wrap",
+    "unmerge_adapter": "lora.wrap",
+    "set_adapter_enabled": "lora.wrap",
+    "lora_layers": "lora.wrap",
+    "save_adapter": "lora.adapter",
+    "load_adapter": "lora.adapter",
+    "read_adapter": "lora.adapter",
+    "LoRALayer": "lora.layer",
     "LorakitError": "errors",
 }
 

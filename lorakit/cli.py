@@ -146,7 +146,7 @@ def train(
 ) -> None:
     """Fine-tune a LoRA adapter. With no arguments: the packaged SmolLM2 on the built-in demo task."""
     flags = {k: v for k, v in locals().items() if k != "recipe" and v not in (None, False)}  # given on the line
-    from .config import build_config, read_recipe
+    from .training.config import build_config, read_recipe
 
     values: dict[str, Any] = {}
     source = "flags"
@@ -157,10 +157,10 @@ def train(
         values = {k: v for k, v in values.items() if k not in ("resume", "overwrite")}
     cfg = build_config(values, flags, source=source)
     demo = cfg.data is None and cfg.model is None
-    from .distributed import launched_by_torchrun
+    from .training.distributed import launched_by_torchrun
 
     if cfg.nproc and cfg.nproc > 1 and not launched_by_torchrun() and not cfg.dry_run:
-        from .distributed import launch
+        from .training.distributed import launch
 
         raise typer.Exit(launch(cfg.nproc, sys.argv[1:]))
     _quiet_transformers()
@@ -168,11 +168,11 @@ def train(
 
     console = _console()
     if cfg.dry_run:
-        from .memory import dry_run_report
+        from .training.memory import dry_run_report
 
         console.print(dry_run_report(cfg))
         return
-    from .train import train as run_training
+    from .training.loop import train as run_training
 
     result = run_training(cfg, console=console)
     if not result.main:
@@ -244,11 +244,11 @@ def eval_(
     ] = False,
 ) -> None:
     """Loss and perplexity of the base and each adapter side by side; --generate adds text metrics."""
-    from .metrics import parse_metric_names, text_metrics
+    from .evaluation.metrics import parse_metric_names, text_metrics
 
     names = parse_metric_names(metrics)
     if predictions is not None:
-        from .evaluate import read_predictions
+        from .evaluation.evaluate import read_predictions
 
         preds, refs = read_predictions(predictions)
         with _metric_notes():
@@ -259,8 +259,8 @@ def eval_(
     if data is None:
         raise LorakitError("--data is required (or --predictions FILE to rescore saved predictions)")
     _quiet_transformers()
-    from .data import DataSpec
-    from .evaluate import GenerateOptions, evaluate_adapters
+    from .evaluation.evaluate import GenerateOptions, evaluate_adapters
+    from .training.data import DataSpec
 
     spec = DataSpec(
         source=data,
@@ -313,7 +313,7 @@ def _metric_notes() -> Any:
     """Metric warnings (e.g. METEOR unavailable without Java) as one `note: ...` line each on stderr."""
     import warnings
 
-    from .metrics import MetricWarning
+    from .evaluation.metrics import MetricWarning
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", MetricWarning)
@@ -360,7 +360,7 @@ def merge(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out folder.")] = False,
 ) -> None:
     """Fold the adapter into its base and write a plain Hugging Face model folder."""
-    from .merge import merge_to_folder
+    from .deploy.merge import merge_to_folder
 
     _quiet_transformers()
     console = _console()
@@ -388,7 +388,7 @@ def export(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out folder.")] = False,
 ) -> None:
     """Write the adapter in Hugging Face PEFT's format (adapter_config.json + adapter_model.safetensors)."""
-    from .export import export_peft
+    from .deploy.peft import export_peft
 
     path = export_peft(adapter, out, overwrite=overwrite)
     _console().print(f"wrote {path} (PEFT LoRA)")
@@ -406,7 +406,7 @@ def import_(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out file.")] = False,
 ) -> None:
     """Convert a PEFT LoRA adapter folder into a lorakit adapter file."""
-    from .export import import_peft
+    from .deploy.peft import import_peft
 
     _quiet_transformers()
     path = import_peft(peft_dir, out, model=model, overwrite=overwrite)
@@ -424,7 +424,7 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
 ) -> None:
     """Show what an adapter holds: modules, ranks, sizes, update norms, metadata."""
-    from .inspect import inspect_adapter, print_report
+    from .lora.inspect import inspect_adapter, print_report
 
     report = inspect_adapter(adapter, svd=svd, compare=compare)
     if as_json:

@@ -104,10 +104,10 @@ def write_demo_data(folder: Path, n_train: int = 480, n_eval: int = 48) -> tuple
 
 def before_after_examples(adapter: Path, eval_path: Path, n: int = 2, max_new_tokens: int = 48) -> list[dict[str, str]]:
     """Greedy generations of the base and of the trained adapter for the first `n` demo eval prompts."""
-    from .adapter import load_adapter
-    from .data import DataSpec, encode, read_rows
-    from .evaluate import GenerateOptions, generate, prompt_groups
+    from .evaluation.evaluate import GenerateOptions, generate, prompt_groups
+    from .lora.adapter import load_adapter
     from .models import load_base, load_tokenizer
+    from .training.data import DataSpec, encode, read_rows
 
     spec = DataSpec(source=str(eval_path), limit=n)
     tokenizer = load_tokenizer(None)

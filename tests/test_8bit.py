@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 import lorakit
 from lorakit.cli import app
-from lorakit.merge import logits_of, merge_to_folder, probe_batch
+from lorakit.deploy.merge import logits_of, merge_to_folder, probe_batch
 from lorakit.models import load_base
 
 runner = CliRunner()
@@ -58,7 +58,7 @@ def runs(root) -> dict[tuple[str, bool], Path]:
 
 
 def hide_bitsandbytes(monkeypatch) -> None:
-    """importlib.util.find_spec (what lorakit.models and lorakit.merge ask) no longer finds bitsandbytes."""
+    """importlib.util.find_spec (what lorakit.models and lorakit.deploy.merge ask) no longer finds bitsandbytes."""
     real = importlib.util.find_spec
 
     def find_spec(name, *args):

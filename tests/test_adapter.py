@@ -12,8 +12,8 @@ from safetensors.torch import load_file, save_file
 from tiny import probe_ids, randomize_lora, tiny_gpt2, tiny_llama
 
 import lorakit
-from lorakit.adapter import read_adapter
 from lorakit.files import atomic_dir, write_atomic
+from lorakit.lora.adapter import read_adapter
 
 
 def logits(model, ids=None):

@@ -8,8 +8,8 @@ from tiny import save_model, tiny_gpt2
 from typer.testing import CliRunner
 
 from lorakit.cli import app
-from lorakit.config import FIELDS, build_config, read_recipe, to_yaml
 from lorakit.errors import LorakitError
+from lorakit.training.config import FIELDS, build_config, read_recipe, to_yaml
 
 runner = CliRunner()
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))

@@ -7,8 +7,8 @@ import pytest
 import torch
 from tiny import tiny_tokenizer
 
-from lorakit.data import IGNORE, DataSpec, Example, batch_order, collate, encode, read_rows
 from lorakit.errors import LorakitError
+from lorakit.training.data import IGNORE, DataSpec, Example, batch_order, collate, encode, read_rows
 
 E2E_TRAIN = Path(__file__).resolve().parents[2] / "shared/data/e2e/trainset.csv"
 # A ChatML-like template in the tiny vocabulary: each turn is `<s>role content</s>`.
@@ -338,7 +338,7 @@ def test_e2e_train_set_reads_and_encodes(tok):
 
 def test_prompt_and_completion_aliases_follow_the_field_mapping(tmp_path):
     """One recipe template serves sources whose columns are named differently."""
-    from lorakit.data import DataSpec, encode, read_rows
+    from lorakit.training.data import DataSpec, encode, read_rows
 
     path = tmp_path / "e2e.csv"
     path.write_text("mr,ref\nw1 w2,w3 w4\n", encoding="utf-8")

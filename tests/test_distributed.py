@@ -20,11 +20,11 @@ from tiny import save_model, tiny_llama
 from typer.testing import CliRunner
 
 import lorakit
-from lorakit.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from lorakit.cli import app
-from lorakit.config import build_config
-from lorakit.distributed import World, without_nproc
-from lorakit.train import rank_share, train
+from lorakit.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from lorakit.training.config import build_config
+from lorakit.training.distributed import World, without_nproc
+from lorakit.training.loop import rank_share, train
 
 runner = CliRunner()
 pytestmark = pytest.mark.skipif(

@@ -4,11 +4,18 @@ import sys
 
 import pytest
 
-from lorakit import coco, ptb
-from lorakit.coco import MetricUnavailable, MetricWarning, meteor_java, ptb_tokenize_java
-from lorakit.e2e_metrics import NIST_BETA, cider, clipped_matches, mteval_tokenize, nist, nist_brevity_penalty
-from lorakit.metrics import TEXT_METRICS, parse_metric_names, rouge_l, text_metrics
-from lorakit.ptb import PTB_PUNCTUATION, ptb_tokenize, ptb_tokenize_items, ptb_tokenize_python
+from lorakit.evaluation import coco, ptb
+from lorakit.evaluation.coco import MetricUnavailable, MetricWarning, meteor_java, ptb_tokenize_java
+from lorakit.evaluation.e2e_metrics import (
+    NIST_BETA,
+    cider,
+    clipped_matches,
+    mteval_tokenize,
+    nist,
+    nist_brevity_penalty,
+)
+from lorakit.evaluation.metrics import TEXT_METRICS, parse_metric_names, rouge_l, text_metrics
+from lorakit.evaluation.ptb import PTB_PUNCTUATION, ptb_tokenize, ptb_tokenize_items, ptb_tokenize_python
 
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="needs java on PATH")
 

@@ -11,10 +11,10 @@ from typer.testing import CliRunner
 
 import lorakit.models
 from lorakit.cli import app
-from lorakit.config import build_config
-from lorakit.data import DataSpec, encode, read_rows
-from lorakit.evaluate import dataset_loss, prompt_groups, read_predictions
-from lorakit.train import train
+from lorakit.evaluation.evaluate import dataset_loss, prompt_groups, read_predictions
+from lorakit.training.config import build_config
+from lorakit.training.data import DataSpec, encode, read_rows
+from lorakit.training.loop import train
 
 runner = CliRunner()
 

@@ -12,9 +12,9 @@ from tiny import probe_ids, randomize_lora, save_model, tiny_bert, tiny_gpt2, ti
 from torch import nn
 
 import lorakit
-from lorakit.adapter import read_adapter, save_adapter
+from lorakit.deploy.peft import _pattern_key, export_peft, import_peft
 from lorakit.errors import LorakitError
-from lorakit.export import _pattern_key, export_peft, import_peft
+from lorakit.lora.adapter import read_adapter, save_adapter
 from lorakit.models import load_base
 
 peft = pytest.importorskip("peft")

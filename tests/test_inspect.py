@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 import lorakit
 from lorakit.cli import app
 from lorakit.errors import LorakitError
-from lorakit.inspect import effective_rank, inspect_adapter, update_singular_values
+from lorakit.lora.inspect import effective_rank, inspect_adapter, update_singular_values
 
 SPEC_KEYS = {"trainable_params", "file_bytes", "rank", "alpha", "base_model", "modules"}
 SPEC_MODULE_KEYS = {"name", "rank", "params"}

@@ -7,7 +7,7 @@ from tiny import probe_ids, randomize_lora, tiny_bert, tiny_gpt2, tiny_llama
 from torch import nn
 
 import lorakit
-from lorakit.lora import LoRALayer, Slice, all_finite
+from lorakit.lora.layer import LoRALayer, Slice, all_finite
 
 
 def logits(model, ids):

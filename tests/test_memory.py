@@ -12,10 +12,10 @@ from typer.testing import CliRunner
 
 import lorakit
 from lorakit.cli import app
-from lorakit.config import build_config
-from lorakit.memory import dry_run_estimate, estimate_memory
 from lorakit.models import load_base
-from lorakit.train import train
+from lorakit.training.config import build_config
+from lorakit.training.loop import train
+from lorakit.training.memory import dry_run_estimate, estimate_memory
 
 runner = CliRunner()
 
@@ -74,7 +74,7 @@ def test_dry_run_loads_no_weights_and_prints_the_real_count(tmp_path, monkeypatc
         raise AssertionError("the dry run loaded weights")
 
     monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(no_weights))
-    monkeypatch.setattr(lorakit.train, "load_base", no_weights)
+    monkeypatch.setattr(lorakit.training.loop, "load_base", no_weights)
     out = tmp_path / "run"
     args = ["train", "--model", str(model), "--targets", "q,v,mlp", "--rank", "2", "--out", str(out), "--dry-run"]
     result = runner.invoke(app, args)

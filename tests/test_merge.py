@@ -6,7 +6,7 @@ from tiny import probe_ids, randomize_lora, save_model, tiny_bert, tiny_gpt2, ti
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import lorakit
-from lorakit.merge import merge_to_folder
+from lorakit.deploy.merge import merge_to_folder
 
 
 def adapted(build, targets, folder, adapter, **kw):
@@ -94,7 +94,7 @@ def test_merge_without_recorded_base(tmp_path):
 
 
 def test_failed_probe_check_writes_nothing(tmp_path, monkeypatch):
-    import lorakit.merge as merge
+    import lorakit.deploy.merge as merge
 
     adapted(tiny_gpt2, "q,v", tmp_path / "base", tmp_path / "a.safetensors")
     monkeypatch.setattr(merge, "TOLERANCE", {torch.float32: -1.0})

@@ -1,9 +1,9 @@
 import pytest
 from sacrebleu.metrics import BLEU
 
-from lorakit import metrics
 from lorakit.errors import LorakitError
-from lorakit.metrics import (
+from lorakit.evaluation import metrics
+from lorakit.evaluation.metrics import (
     TEXT_METRICS,
     bleu,
     classification_metrics,

@@ -8,8 +8,8 @@ from tiny import save_model, tiny_gpt2, tiny_llama
 from typer.testing import CliRunner
 
 from lorakit.cli import app
-from lorakit.config import build_config, read_recipe
-from lorakit.memory import estimate_memory
+from lorakit.training.config import build_config, read_recipe
+from lorakit.training.memory import estimate_memory
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 runner = CliRunner()

@@ -6,7 +6,7 @@ from tiny import tiny_bert, tiny_gpt2, tiny_llama
 from torch import nn
 
 import lorakit
-from lorakit.targets import resolve_targets
+from lorakit.lora.targets import resolve_targets
 
 
 def paths(model, spec, layers=None):

@@ -23,14 +23,14 @@ from tiny import (
 from typer.testing import CliRunner
 
 import lorakit
-import lorakit.train
+import lorakit.training.loop
 from lorakit.cli import app
-from lorakit.config import TrainConfig, build_config, read_recipe
-from lorakit.data import IGNORE, DataSpec, collate, encode, read_rows
-from lorakit.evaluate import label_count
-from lorakit.loss import causal_lm_loss
+from lorakit.evaluation.evaluate import label_count
 from lorakit.models import PACKAGED
-from lorakit.train import StopFlag, lr_at, train
+from lorakit.training.config import TrainConfig, build_config, read_recipe
+from lorakit.training.data import IGNORE, DataSpec, collate, encode, read_rows
+from lorakit.training.loop import StopFlag, lr_at, train
+from lorakit.training.loss import causal_lm_loss
 
 runner = CliRunner()
 USER_CACHE = os.environ.get("LORAKIT_CACHE")  # read before the fixture below replaces it
@@ -195,7 +195,7 @@ def test_one_step_loss_is_token_weighted_over_all_micro_batches(models, data, tm
 
 def test_a_run_that_changed_nothing_fails(models, data, tmp_path, monkeypatch):
     """B starts at zero: if it is still zero at the end, the run reports it and the command exits with 1."""
-    monkeypatch.setattr(lorakit.train, "lr_at", lambda *args: 0.0)
+    monkeypatch.setattr(lorakit.training.loop, "lr_at", lambda *args: 0.0)
     out = tmp_path / "run"
     args = ["train", "--model", str(models["gpt2"]), "--data", str(data["train"]), "--max-steps", "2"]
     result = runner.invoke(app, [*args, "--out", str(out)])
@@ -280,7 +280,7 @@ def test_bad_data_is_one_error_line_before_the_model_loads(models, tmp_path, mon
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the data was checked")
 
-    monkeypatch.setattr(lorakit.train, "load_base", no_model)
+    monkeypatch.setattr(lorakit.training.loop, "load_base", no_model)
     path = tmp_path / name
     path.write_bytes(content)
     out = tmp_path / "run"
@@ -303,14 +303,14 @@ def test_data_errors_come_before_a_missing_model(tmp_path):
 
 
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(models, data, tmp_path, monkeypatch):
-    real_loss, calls = lorakit.train.batch_loss, []
+    real_loss, calls = lorakit.training.loop.batch_loss, []
 
     def loss_goes_nan_in_step_3(*args, **kwargs):
         calls.append(1)
         loss, n = real_loss(*args, **kwargs)
         return (loss * float("nan") if len(calls) >= 3 else loss), n
 
-    monkeypatch.setattr(lorakit.train, "batch_loss", loss_goes_nan_in_step_3)
+    monkeypatch.setattr(lorakit.training.loop, "batch_loss", loss_goes_nan_in_step_3)
     out = tmp_path / "run"
     args = ["train", "--model", str(models["gpt2"]), "--data", str(data["train"]), "--out", str(out)]
     result = runner.invoke(app, [*args, *flags(dict(max_steps=4, batch_size=2, save_every=2))])
@@ -323,7 +323,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(models
     assert not (out / "adapter.safetensors").exists()
     assert all(torch.isfinite(t).all() for t in load_file(str(good / "adapter.safetensors")).values())
 
-    monkeypatch.setattr(lorakit.train, "batch_loss", real_loss)
+    monkeypatch.setattr(lorakit.training.loop, "batch_loss", real_loss)
     resumed = runner.invoke(app, ["train", "--resume", "--out", str(out)])
     assert resumed.exit_code == 0, resumed.output
     assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 2, 3, 4]
@@ -348,7 +348,7 @@ def sigint_during_step(monkeypatch, step: int) -> None:
             os.kill(os.getpid(), signal.SIGINT)
         return lr_at(s, *args)
 
-    monkeypatch.setattr(lorakit.train, "lr_at", lr_then_ctrl_c)
+    monkeypatch.setattr(lorakit.training.loop, "lr_at", lr_then_ctrl_c)
 
 
 @pytest.mark.parametrize("case", RESUME_CASES.values(), ids=RESUME_CASES.keys())
@@ -362,7 +362,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_ends_bit_identical(models, data, t
     cut = tmp_path / "cut"
     sigint_during_step(monkeypatch, case["stop_after"])
     interrupted = runner.invoke(app, [*common, "--out", str(cut), *flags(options)])
-    monkeypatch.setattr(lorakit.train, "lr_at", lr_at)
+    monkeypatch.setattr(lorakit.training.loop, "lr_at", lr_at)
     checkpoint = cut / "checkpoints" / f"step-{case['stop_after']:06d}"
     assert interrupted.exit_code == 130
     [line] = interrupted.stderr.splitlines()
@@ -388,10 +388,10 @@ def test_killed_run_resumes_from_the_last_periodic_checkpoint(models, data, tmp_
             raise KeyboardInterrupt
         return lr_at(step, *args)
 
-    monkeypatch.setattr(lorakit.train, "lr_at", killed_in_step_4)
+    monkeypatch.setattr(lorakit.training.loop, "lr_at", killed_in_step_4)
     with pytest.raises(KeyboardInterrupt):
         train(config(models["gpt2"], data, tmp_path / "cut", **cfg))
-    monkeypatch.setattr(lorakit.train, "lr_at", lr_at)
+    monkeypatch.setattr(lorakit.training.loop, "lr_at", lr_at)
     assert max(r["step"] for r in metrics(tmp_path / "cut")) == 3  # logged past the checkpoint at step 2
 
     resumed = train(config(models["gpt2"], data, tmp_path / "cut", **cfg, resume=True))

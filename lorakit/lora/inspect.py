@@ -19,9 +19,9 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
+from ..errors import LorakitError
 from .adapter import Adapter, ModuleInfo, read_adapter
-from .errors import LorakitError
-from .lora import Slice
+from .layer import Slice
 
 TOP_SINGULAR_VALUES = 4  # how many singular values the table shows per module
 Pair = tuple[str, ModuleInfo, Slice | None]  # one A/B pair: tensor-name prefix, its module, its slice

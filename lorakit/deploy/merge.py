@@ -20,11 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapter import Adapter, apply_adapter, read_adapter
-from .errors import LorakitError
-from .files import atomic_dir
-from .models import DTYPES, dtype_name, load_base, load_tokenizer
-from .wrap import lora_layers, merge_adapter, unwrap
+from ..errors import LorakitError
+from ..files import atomic_dir
+from ..lora.adapter import Adapter, apply_adapter, read_adapter
+from ..lora.wrap import lora_layers, merge_adapter, unwrap
+from ..models import DTYPES, dtype_name, load_base, load_tokenizer
 
 # Largest accepted |logit difference| between the adapted and the merged model on the probe batch,
 # relative to max(1, largest |logit|): rounding of the merged weight in the saved dtype.

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import LorakitError
+from ..errors import LorakitError
 from .fingerprint import DIGEST, weight_digest, weight_sketch
 
 

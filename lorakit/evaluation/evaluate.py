@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data import DataSpec, Encoded, Example, Rows, collate, encode, read_rows, template_values
-from .errors import LorakitError
-from .files import write_atomic
-from .loss import IGNORE, batch_loss
+from ..errors import LorakitError
+from ..files import write_atomic
+from ..training.data import DataSpec, Encoded, Example, Rows, collate, encode, read_rows, template_values
+from ..training.loss import IGNORE, batch_loss
 from .metrics import classification_metrics, text_metrics
 
 
@@ -280,9 +280,9 @@ def evaluate_adapters(
     The base is `model`, else the base the first adapter records, else the packaged default. Each adapter
     is checked against the base's fingerprint before it is scored.
     """
-    from .adapter import apply_adapter, read_adapter
-    from .models import load_base, load_tokenizer
-    from .wrap import lora_layers, unwrap
+    from ..lora.adapter import apply_adapter, read_adapter
+    from ..lora.wrap import lora_layers, unwrap
+    from ..models import load_base, load_tokenizer
 
     loaded = [read_adapter(a) for a in adapters]  # every file checked before the model loads
     rows = read_rows(spec, task=task)

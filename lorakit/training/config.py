@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-from .errors import LorakitError
+from ..errors import LorakitError
 
 Precision = Literal["fp32", "bf16", "fp16"]
 Task = Literal["causal-lm", "classification"]

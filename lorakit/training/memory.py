@@ -27,9 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .lora import base_shape, is_linear_like
-from .targets import layer_index
-from .wrap import add_lora, lora_layers
+from ..lora.layer import base_shape, is_linear_like
+from ..lora.targets import layer_index
+from ..lora.wrap import add_lora, lora_layers
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 ADAMW_BYTES_PER_PARAM = 16  # fp32 parameter + gradient + two moments
@@ -216,7 +216,7 @@ def adapter_file_bytes(model: nn.Module, dtype: str, base_model: str = "", extra
 
     The header is built as save_adapter builds it; only the fingerprint values are placeholders of their width.
     """
-    from .adapter import ModuleInfo, build_metadata, trained_params
+    from ..lora.adapter import ModuleInfo, build_metadata, trained_params
 
     modules, shapes = [], {}
     for path, layer in lora_layers(model):
@@ -258,7 +258,7 @@ def dry_run_estimate(cfg: Any) -> MemoryEstimate:
     """The estimate for a TrainConfig: the model's config (and its checkpoint's tensor names), never its weights."""
     from transformers import AutoConfig
 
-    from .models import PACKAGED, resolve_source
+    from ..models import PACKAGED, resolve_source
 
     source = resolve_source(cfg.model)
     config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
@@ -285,7 +285,7 @@ def dry_run_report(cfg: Any) -> Any:
     """A rich table for `lorakit train --dry-run`: counts, adapter size and memory, from the config alone."""
     from rich.table import Table
 
-    from .models import PACKAGED
+    from ..models import PACKAGED
 
     est = dry_run_estimate(cfg)
     table = Table(title=f"lorakit train --dry-run: {cfg.model or PACKAGED}", show_header=False)
@@ -318,6 +318,6 @@ def _data_num_labels(cfg: Any) -> int | None:
     if cfg.data is None or not Path(cfg.data).exists():
         return None
     from .data import read_rows
-    from .train import data_spec
+    from .loop import data_spec
 
     return read_rows(data_spec(cfg, cfg.data, cfg.split, cfg.limit), task=cfg.task).num_labels

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .errors import LorakitError
-from .lora import Slice, base_shape, is_linear_like
+from ..errors import LorakitError
+from .layer import Slice, base_shape, is_linear_like
 
 ALIASES = ("q", "k", "v", "o", "mlp", "all-linear")
 

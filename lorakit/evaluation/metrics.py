@@ -15,9 +15,9 @@ import numbers
 import warnings
 from collections.abc import Callable
 
+from ..errors import LorakitError
 from .coco import MetricUnavailable, MetricWarning
 from .e2e_metrics import cider, meteor, nist
-from .errors import LorakitError
 from .ptb import ptb_tokenize_items
 
 TextMetric = Callable[[list[str], list[list[str]]], float]

@@ -24,17 +24,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapter import apply_adapter, save_adapter
+from ..errors import LorakitError
+from ..evaluation.evaluate import dataset_loss, label_count, to_device
+from ..files import write_atomic
+from ..lora.adapter import apply_adapter, save_adapter
+from ..lora.wrap import add_lora, lora_layers
+from ..models import PACKAGED, cache_dir, load_base, load_tokenizer
 from .checkpoint import latest_checkpoint, load_checkpoint, load_optimizer, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig, to_yaml
 from .data import DataSpec, Encoded, batch_order, collate, encode, read_rows
 from .distributed import World, all_sum, barrier, device_for, gather_objects, init_world
-from .errors import LorakitError
-from .evaluate import dataset_loss, label_count, to_device
-from .files import write_atomic
 from .loss import batch_loss
-from .models import PACKAGED, cache_dir, load_base, load_tokenizer
-from .wrap import add_lora, lora_layers
 
 
 @dataclass
@@ -94,7 +94,7 @@ def with_demo_data(cfg: TrainConfig) -> TrainConfig:
     """No --data: the generated demo set (and its eval split), written once to the cache."""
     if cfg.data is not None:
         return cfg
-    from .demo import write_demo_data
+    from ..demo import write_demo_data
 
     train_path, eval_path = write_demo_data(cache_dir() / "demo")
     cfg.data = str(train_path)

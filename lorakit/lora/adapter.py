@@ -23,11 +23,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__
-from .errors import LorakitError
-from .files import write_atomic
+from .. import __version__
+from ..errors import LorakitError
+from ..files import write_atomic
 from .fingerprint import combine_digests, digest_algorithm, sketches_match
-from .lora import LoRALayer, Slice, base_shape, is_linear_like
+from .layer import LoRALayer, Slice, base_shape, is_linear_like
 from .targets import Target
 from .wrap import lora_layers, target_of, unmerge_adapter, unwrap, wrap_targets
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import LorakitError
+from ..errors import LorakitError
 
 if TYPE_CHECKING:
     import torch

@@ -6,9 +6,9 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from .errors import LorakitError
+from ..errors import LorakitError
 from .fingerprint import combine_digests
-from .lora import LoRALayer, Slice
+from .layer import LoRALayer, Slice
 from .targets import Target, resolve_targets, split_targets
 
 

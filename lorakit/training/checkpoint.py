@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from .adapter import Adapter, read_adapter, save_adapter
-from .errors import LorakitError
-from .files import atomic_dir, write_atomic
+from ..errors import LorakitError
+from ..files import atomic_dir, write_atomic
+from ..lora.adapter import Adapter, read_adapter, save_adapter
 
 KEEP = 2  # checkpoints kept; older ones are removed once a newer one is complete
 

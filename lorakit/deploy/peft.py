@@ -25,12 +25,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .adapter import Adapter, ModuleInfo, read_adapter, save_adapter
-from .errors import LorakitError
-from .files import atomic_dir
-from .lora import base_shape, is_linear_like
-from .targets import Target
-from .wrap import wrap_targets
+from ..errors import LorakitError
+from ..files import atomic_dir
+from ..lora.adapter import Adapter, ModuleInfo, read_adapter, save_adapter
+from ..lora.layer import base_shape, is_linear_like
+from ..lora.targets import Target
+from ..lora.wrap import wrap_targets
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -376,7 +376,7 @@ def _unexpected(name: str) -> str:
 def _load_base_for(source: str, config: dict[str, Any], heads: dict[str, Tensor]) -> nn.Module:
     """The base as import_peft needs it: as saved, or, with a trained head, the class and label count of
     that head (a PEFT SEQ_CLS adapter usually sits on a base checkpoint without a classifier)."""
-    from .models import load_base
+    from ..models import load_base
 
     if not heads:
         return load_base(source)

@@ -1,0 +1,1 @@
+"""Training: the configuration, data, loss, the loop and its checkpoints, distributed runs, the memory estimate."""
