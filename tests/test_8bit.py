@@ -24,11 +24,6 @@ ARCHS = {"llama": tiny_llama, "gpt2": tiny_gpt2}  # GPT-2's Conv1D layers become
 OPTIONS = ["--batch-size", "8", "--max-steps", "30", "--lr", "5e-2", "--targets", "q,v"]
 
 
-@pytest.fixture(autouse=True)
-def isolated_cache(monkeypatch, tmp_path):
-    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
-
-
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
     """Tiny model folders and 8 rows to learn by heart."""

@@ -176,8 +176,7 @@ def test_shipped_recipes_parse(recipe):
 # Through `lorakit train`
 
 
-def test_cli_recipe_with_flags_on_top_is_saved_resolved(tmp_path, monkeypatch):
-    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
+def test_cli_recipe_with_flags_on_top_is_saved_resolved(tmp_path):
     model = save_model(tiny_gpt2(), tmp_path / "model")
     write(tmp_path / "d.jsonl", '{"prompt": "w4 w5", "completion": "w6"}\n' * 4)
     text = f"model: {model}\ndata: {tmp_path / 'd.jsonl'}\nrank: 2\nlr: 2e-4\nmax_steps: 1\nbatch_size: 2\n"

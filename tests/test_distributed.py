@@ -27,19 +27,17 @@ from lorakit.training.distributed import World, without_nproc
 from lorakit.training.loop import rank_share, train
 
 runner = CliRunner()
-pytestmark = pytest.mark.skipif(
-    not torch.distributed.is_available() or not sys.platform.startswith("linux"),
-    reason="needs torch.distributed (gloo) and Linux (/proc, process groups)",
-)
+pytestmark = [
+    pytest.mark.multiprocess,
+    pytest.mark.skipif(
+        not torch.distributed.is_available() or not sys.platform.startswith("linux"),
+        reason="needs torch.distributed (gloo) and Linux (/proc, process groups)",
+    ),
+]
 
 ROWS = 37  # global micro-batches of 2 x 2 = 4: each epoch has one 1-example batch, where rank 1 runs a stand-in
 OPTIONS = dict(batch_size=2, grad_accum=2, max_steps=20, lr=1e-2, warmup_steps=2, save_every=4, eval_every=10)
 STEPS, FIRST_CHECKPOINT = OPTIONS["max_steps"], OPTIONS["save_every"]
-
-
-@pytest.fixture(autouse=True)
-def isolated_cache(monkeypatch, tmp_path):
-    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
 
 
 def rows(n: int, seed: int) -> list[dict]:

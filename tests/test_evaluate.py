@@ -19,12 +19,6 @@ from lorakit.training.loop import train
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def isolated_cache(monkeypatch, tmp_path):
-    """No test here writes to the user's lorakit cache."""
-    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
-
-
 @pytest.fixture(scope="module")
 def gpt2(tmp_path_factory):
     """A tiny GPT-2 folder, two adapters trained on it for different modules (q,v and mlp), and their data."""

@@ -28,11 +28,6 @@ CASES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def isolated_cache(monkeypatch, tmp_path):
-    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
-
-
 def write_data(root: Path, task: str) -> Path:
     """4 prompt/completion rows, or 6 labelled texts in 3 classes (the run's head size comes from the data)."""
     if task == "classification":

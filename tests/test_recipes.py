@@ -3,8 +3,7 @@
 from pathlib import Path
 
 import pytest
-import torch
-from tiny import save_model, tiny_gpt2, tiny_llama
+from tiny import save_model, tiny_gpt2, tiny_llama, tiny_roberta
 from typer.testing import CliRunner
 
 from lorakit.cli import app
@@ -15,21 +14,13 @@ RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"
 runner = CliRunner()
 
 
-def tiny_roberta():
-    from transformers import RobertaConfig, RobertaModel
-
-    torch.manual_seed(0)
-    cfg = RobertaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
-    return RobertaModel(cfg)
-
-
 def tiny_like(cfg) -> object:
     """A tiny model of the recipe's architecture (the packaged default is a Llama)."""
     name = cfg.model or "smollm2"
     if name.startswith("gpt2"):
         return tiny_gpt2()
     if name.startswith("roberta"):
-        return tiny_roberta()
+        return tiny_roberta(head=False)
     return tiny_llama()
 
 
@@ -48,7 +39,6 @@ def test_recipe_header_gives_the_commands(recipe):
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
 def test_recipe_dry_runs_on_a_tiny_model_of_its_architecture(recipe, tmp_path, monkeypatch):
-    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
     cfg = build_config(read_recipe(recipe), source=str(recipe))
     folder = save_model(tiny_like(cfg), tmp_path / "tiny")
     result = runner.invoke(app, ["train", str(recipe), "--model", str(folder), "--dry-run"])

