@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .errors import LorakitError
+from .hub import is_hub_id, local_files_only
 
 PACKAGED = "lorakit:smollm2-135m-instruct"
 """The name adapters record for the packaged default; `load_base` resolves it to the cached folder."""
@@ -116,9 +117,120 @@ def resolve_source(source: str | None) -> str:
     """A loadable hub id or folder for `source` (None or PACKAGED: the packaged default's cached folder)."""
     if source is None or source == PACKAGED:
         return str(packaged_model_dir())
-    if source.startswith(("/", "./", "../", "~")) and not Path(source).expanduser().exists():
+    path = Path(source).expanduser()
+    if path.exists():
+        return str(path)
+    if source.startswith(("/", "./", "../", "~", ".\\")) or not is_hub_id(source):
         raise LorakitError(f"{source}: no such model folder")
-    return str(Path(source).expanduser()) if source.startswith("~") else source
+    return source
+
+
+def recorded_base(adapter: str | os.PathLike, recorded: str) -> str:
+    """The base an adapter records, checked to be findable here; a folder that is gone is an error naming
+    `--model` (adapters of lorakit 0.1 record the path as typed, which may be relative to another folder)."""
+    if not recorded:
+        raise LorakitError(f"{adapter}: the adapter records no base model; pass --model")
+    if recorded == PACKAGED or is_hub_id(recorded):
+        return recorded
+    if not Path(recorded).expanduser().exists():
+        raise LorakitError(
+            f"{adapter}: records its base as {recorded}, which is not here; pass --model with the base's folder "
+            "or hub id"
+        )
+    return recorded
+
+
+def base_name(source: str | None) -> str:
+    """What an adapter records as its base, so that it can be found again from any folder: the packaged
+    default's name, a folder's absolute path, or the hub id."""
+    if source is None or source == PACKAGED:
+        return PACKAGED
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() else source
+
+
+def _hub_options(source: str) -> dict[str, Any]:
+    """from_pretrained options for a source: a hub model the hub cannot serve now loads from the cache."""
+    return {"local_files_only": True} if is_hub_id(source) and local_files_only(source) else {}
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def load_config(source: str | None, trust_remote_code: bool = False) -> Any:
+    """The transformers config of a base (hub id, folder or the packaged default), without its weights."""
+    from transformers import AutoConfig
+
+    name = source
+    source = resolve_source(source)
+    path = Path(source)
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise LorakitError(f"{name}: folder has no config.json; expected a Hugging Face model folder")
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **_hub_options(source))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise LorakitError(f"cannot load the config of {name}: {_explain(e)}") from None
+
+
+def _explain(error: BaseException) -> str:
+    """The first line of a loading error, with the flag to pass when it is about remote code."""
+    text = _first_line(error)
+    if "trust_remote_code" in str(error):
+        return "the model needs its own code from the hub; pass --trust-remote-code if you trust it"
+    return text
+
+
+def context_length(config: Any) -> int | None:
+    """The most positions the model has (learned position embeddings, or the context it was trained for)."""
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+ENCODER_ONLY = {"bert", "roberta", "xlm-roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2"}
+ENCODER_ONLY |= {"camembert", "mpnet", "modernbert", "ernie", "megatron-bert", "xlm", "flaubert", "longformer"}
+
+
+def check_task(config: Any, task: str | None, name: str) -> None:
+    """Refuse a causal-LM run on an encoder-only model (BERT and kin: they do not predict the next token)."""
+    if task != "causal-lm":
+        return
+    model_type = str(getattr(config, "model_type", ""))
+    if model_type in ENCODER_ONLY or getattr(config, "is_encoder_decoder", False):
+        kind = "an encoder-decoder" if getattr(config, "is_encoder_decoder", False) else "an encoder-only"
+        raise LorakitError(
+            f"{name}: is {kind} model ({model_type}), which cannot be trained as a causal LM; "
+            "use --task classification or a decoder model"
+        )
+
+
+def _check_weights(path: Path, name: str, allow_pickle: bool) -> None:
+    """A local folder must hold safetensors weights; pickled `pytorch_model.bin` only with `allow_pickle`."""
+    if any(path.glob("*.safetensors")) or any(path.glob("*.safetensors.index.json")):
+        return
+    if any(path.glob("pytorch_model*.bin")) or any(path.glob("*.bin.index.json")):
+        if allow_pickle:
+            return
+        raise LorakitError(
+            f"{name}: holds only pickled weights (pytorch_model.bin), which can run code when loaded; convert "
+            "them to safetensors, or pass --allow-pickle if you trust the folder"
+        )
+    raise LorakitError(f"{name}: folder has no model weights (*.safetensors); expected a Hugging Face model folder")
+
+
+def _check_class(config: Any, cls: Any, name: str) -> None:
+    """A class forced onto a checkpoint (an adapter's `base_class`) must be of the checkpoint's model type."""
+    expected = getattr(getattr(cls, "config_class", None), "model_type", None)
+    found = getattr(config, "model_type", None)
+    if expected and found and expected != found:
+        raise LorakitError(
+            f"{name}: is a {found} model, but {cls.__name__} needs a {expected} model; pass the base the adapter "
+            "was trained on with --model"
+        )
 
 
 def load_base(
@@ -130,6 +242,8 @@ def load_base(
     model_class: str | None = None,
     load_in_8bit: bool = False,
     device: torch.device | None = None,
+    pad_token_id: int | None = None,
+    allow_pickle: bool = False,
 ) -> nn.Module:
     """Load a pretrained model in eval mode.
 
@@ -143,39 +257,42 @@ def load_base(
         model_class: a transformers class name to load with (what an adapter records as `base_class`).
         load_in_8bit: quantize the linear layers to 8 bits with bitsandbytes (`Linear8bitLt`), on `device`.
         device: where an 8-bit model is placed as it loads (other models load on the CPU).
+        pad_token_id: set in the config when it has none (a decoder classifier finds each row's last token by it).
+        allow_pickle: load a base stored only as pickled `pytorch_model.bin`.
     """
-    from transformers import AutoConfig
-
     torch_dtype = parse_dtype(dtype)
-    name = source
+    name = source or PACKAGED
+    config = load_config(source, trust_remote_code)
     source = resolve_source(source)
-    path = Path(source)
-    if path.exists() and not (path / "config.json").is_file():
-        raise LorakitError(f"{source}: folder has no config.json; expected a Hugging Face model folder")
-    extra: dict[str, Any] = {}
+    if Path(source).is_dir():
+        _check_weights(Path(source), name, allow_pickle)
+    check_task(config, task, name)
+    if num_labels is not None:
+        config.num_labels = num_labels
+    if pad_token_id is not None and getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = pad_token_id
+    cls = _model_class(config, task, model_class)
+    if model_class:
+        _check_class(config, cls, name)
+    extra: dict[str, Any] = _hub_options(source)
     if load_in_8bit:
-        extra = eight_bit_options(device or torch.device("cpu"))
+        extra.update(eight_bit_options(device or torch.device("cpu")))
     try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-        if num_labels is not None:
-            config.num_labels = num_labels
-        cls = _model_class(config, task, model_class)
         model, info = cls.from_pretrained(
             source,
             config=config,
             dtype=torch_dtype,
             trust_remote_code=trust_remote_code,
+            use_safetensors=None if allow_pickle else True,
             output_loading_info=True,
             **extra,
         )
-    except OSError as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise LorakitError(f"cannot load model {source!r}: {first}") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:
+        raise LorakitError(f"cannot load model {name!r}: {_explain(e)}") from None
     model.eval()
     # Parameters the checkpoint did not have (e.g. a new classification head), initialized at random.
     model.lorakit_new_params = sorted(info.get("missing_keys") or [])
-    if name is None or name == PACKAGED:
-        model.config._name_or_path = PACKAGED  # what adapters record, so merge finds the same base again
+    model.config._name_or_path = base_name(None if name == PACKAGED else name)  # what adapters record
     return model
 
 
@@ -203,16 +320,25 @@ def _first_time_only(record: logging.LogRecord) -> bool:
     return True
 
 
-def load_tokenizer(source: str | None, trust_remote_code: bool = False) -> Any | None:
-    """The tokenizer stored with a model, or None when there is none."""
+def load_tokenizer(source: str | None, trust_remote_code: bool = False, required: bool = True) -> Any:
+    """The tokenizer stored with a model (None if it has none and it is not `required`).
+
+    Raises:
+        LorakitError: a required tokenizer is missing, or a tokenizer cannot be loaded.
+    """
     from transformers import AutoTokenizer
 
+    name = source or PACKAGED
     source = resolve_source(source)
     folder = Path(source)
-    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        return None  # transformers would build an empty stand-in tokenizer from the config alone
+    if folder.is_dir() and not any((folder / n).is_file() for n in TOKENIZER_FILES):
+        if not required:
+            return None  # transformers would build an empty stand-in tokenizer from the config alone
+        raise LorakitError(f"{name}: no tokenizer files in the model folder ({', '.join(TOKENIZER_FILES[:3])}, ...)")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, TypeError, KeyError):
-        return None
-    return tokenizer if len(tokenizer) > 1 else None
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **_hub_options(source))
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise LorakitError(f"{name}: cannot load its tokenizer ({_explain(e)})") from None
+    if len(tokenizer) <= 1:
+        raise LorakitError(f"{name}: its tokenizer is empty")
+    return tokenizer

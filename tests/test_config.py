@@ -67,6 +67,8 @@ EVERYTHING = dict(
     overwrite=False,
     dry_run=True,
     nproc=2,
+    threads=3,
+    allow_pickle=True,
 )
 
 

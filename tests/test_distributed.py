@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 import lorakit
 from lorakit.cli import app
-from lorakit.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from lorakit.training.checkpoint import RunState, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from lorakit.training.config import build_config
 from lorakit.training.distributed import World, without_nproc
 from lorakit.training.loop import rank_share, train
@@ -152,8 +152,8 @@ def test_a_checkpoint_restores_each_rank_its_own_random_state(tmp_path):
         torch.manual_seed(seed)
         states.append(rng_state())
         draws.append(torch.rand(4))
-    path = save_checkpoint(tmp_path, 3, model, optimizer, {"world_size": 2}, rng=states)
-    tensors = load_checkpoint(path).optimizer
+    path = save_checkpoint(tmp_path, model, optimizer, RunState(step=3, world_size=2), rng=states)
+    tensors = load_checkpoint(path).tensors
     for rank in (1, 0):
         set_rng_state(tensors, rank)
         assert torch.equal(torch.rand(4), draws[rank])

@@ -11,10 +11,11 @@ from typer.testing import CliRunner
 
 import lorakit.models
 from lorakit.cli import app
-from lorakit.evaluation.evaluate import dataset_loss, prompt_groups, read_predictions
+from lorakit.evaluation.evaluate import prompt_groups, read_predictions
 from lorakit.training.config import build_config
 from lorakit.training.data import DataSpec, encode, read_rows
 from lorakit.training.loop import train
+from lorakit.training.loss import dataset_loss
 
 runner = CliRunner()
 

@@ -77,12 +77,18 @@ def test_merge_refusals_write_nothing(tmp_path):
     with pytest.raises(lorakit.LorakitError, match="not empty"):
         merge_to_folder(tmp_path / "a.safetensors", tmp_path / "busy")
     assert [p.name for p in (tmp_path / "busy").iterdir()] == ["keep.txt"]
-    merge_to_folder(tmp_path / "a.safetensors", tmp_path / "busy", overwrite=True)
-    assert (tmp_path / "busy" / "config.json").is_file() and not (tmp_path / "busy" / "keep.txt").exists()
+    # --overwrite replaces only a folder lorakit merged into: someone's own folder stays as it is.
+    with pytest.raises(lorakit.LorakitError, match="was not made by lorakit"):
+        merge_to_folder(tmp_path / "a.safetensors", tmp_path / "busy", overwrite=True)
+    assert [p.name for p in (tmp_path / "busy").iterdir()] == ["keep.txt"]
+    merge_to_folder(tmp_path / "a.safetensors", tmp_path / "merged")
+    (tmp_path / "merged" / "stray.txt").write_text("left by hand")
+    merge_to_folder(tmp_path / "a.safetensors", tmp_path / "merged", overwrite=True)
+    assert (tmp_path / "merged" / "config.json").is_file() and not (tmp_path / "merged" / "stray.txt").exists()
     with pytest.raises(lorakit.LorakitError, match="unknown dtype 'fp8'"):
         merge_to_folder(tmp_path / "a.safetensors", tmp_path / "x", dtype="fp8")
     with pytest.raises(lorakit.LorakitError, match="has no config.json"):
-        merge_to_folder(tmp_path / "a.safetensors", tmp_path / "x", model=str(tmp_path / "busy" / ".."))
+        merge_to_folder(tmp_path / "a.safetensors", tmp_path / "x", model=str(tmp_path / "merged" / ".."))
 
 
 def test_merge_without_recorded_base(tmp_path):
@@ -112,6 +118,7 @@ def test_base_without_tokenizer_gives_no_stand_in_tokenizer(tmp_path):
     result = merge_to_folder(tmp_path / "a.safetensors", tmp_path / "merged")
     assert not result.tokenizer
     assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == [
+        ".lorakit",  # marks the folder as lorakit's, so that --overwrite may replace it
         "config.json",
         "generation_config.json",
         "model.safetensors",

@@ -24,13 +24,13 @@ from typer.testing import CliRunner
 
 import lorakit
 import lorakit.training.loop
+import lorakit.training.loss
 from lorakit.cli import app
-from lorakit.evaluation.evaluate import label_count
 from lorakit.models import PACKAGED
 from lorakit.training.config import TrainConfig, build_config, read_recipe
 from lorakit.training.data import IGNORE, DataSpec, collate, encode, read_rows
 from lorakit.training.loop import StopFlag, lr_at, train
-from lorakit.training.loss import causal_lm_loss
+from lorakit.training.loss import causal_lm_loss, label_count
 
 runner = CliRunner()
 @pytest.fixture(scope="module")
@@ -294,14 +294,14 @@ def test_data_errors_come_before_a_missing_model(tmp_path):
 
 
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(models, data, tmp_path, monkeypatch):
-    real_loss, calls = lorakit.training.loop.batch_loss, []
+    real_loss, calls = lorakit.training.loss.batch_loss, []
 
     def loss_goes_nan_in_step_3(*args, **kwargs):
         calls.append(1)
         loss, n = real_loss(*args, **kwargs)
         return (loss * float("nan") if len(calls) >= 3 else loss), n
 
-    monkeypatch.setattr(lorakit.training.loop, "batch_loss", loss_goes_nan_in_step_3)
+    monkeypatch.setattr(lorakit.training.loss, "batch_loss", loss_goes_nan_in_step_3)
     out = tmp_path / "run"
     args = ["train", "--model", str(models["gpt2"]), "--data", str(data["train"]), "--out", str(out)]
     result = runner.invoke(app, [*args, *flags(dict(max_steps=4, batch_size=2, save_every=2))])
@@ -314,7 +314,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(models
     assert not (out / "adapter.safetensors").exists()
     assert all(torch.isfinite(t).all() for t in load_file(str(good / "adapter.safetensors")).values())
 
-    monkeypatch.setattr(lorakit.training.loop, "batch_loss", real_loss)
+    monkeypatch.setattr(lorakit.training.loss, "batch_loss", real_loss)
     resumed = runner.invoke(app, ["train", "--resume", "--out", str(out)])
     assert resumed.exit_code == 0, resumed.output
     assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 2, 3, 4]

@@ -20,16 +20,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import LorakitError
-from ..files import atomic_dir
+from ..errors import CheckFailed, LorakitError
+from ..files import atomic_dir, check_out
 from ..lora.adapter import Adapter, apply_adapter, read_adapter
 from ..lora.wrap import lora_layers, merge_adapter, unwrap
-from ..models import DTYPES, dtype_name, load_base, load_tokenizer
+from ..models import DTYPES, dtype_name, load_base, load_tokenizer, recorded_base
 
 # Largest accepted |logit difference| between the adapted and the merged model on the probe batch,
 # relative to max(1, largest |logit|): rounding of the merged weight in the saved dtype.
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}
 PROBE_SEED = 20210617
+KIND = "merged"  # the marker of a merged folder: what `merge --overwrite` may replace
 
 
 @dataclass
@@ -72,6 +73,7 @@ def merge_to_folder(
     model: str | None = None,
     dtype: str = "auto",
     overwrite: bool = False,
+    allow_pickle: bool = False,
 ) -> MergeResult:
     """Merge an adapter into its base and write config, safetensors weights and tokenizer to `out`.
 
@@ -80,23 +82,23 @@ def merge_to_folder(
         out: the folder to write (refused if it exists and is not empty, unless `overwrite`).
         model: the base (hub id or folder); default: the `base_model` recorded in the adapter.
         dtype: saved dtype: `auto` (the base's own) or fp32, bf16, fp16.
-        overwrite: replace an existing `out` folder.
+        overwrite: replace an existing `out` folder that lorakit merged before.
+        allow_pickle: load a base stored only as pickled `pytorch_model.bin`.
 
     Raises:
-        LorakitError: bad adapter, wrong base, or merged logits further from the adapted ones than the
-            dtype's tolerance.
+        LorakitError: bad adapter, wrong base, an `out` that must not be replaced.
+        CheckFailed: merged logits further from the adapted ones than the dtype's tolerance (nothing written).
     """
     out = Path(out)
-    if out.is_dir() and any(out.iterdir()) and not overwrite:  # fail before the slow load
-        raise LorakitError(f"{out}: folder exists and is not empty; choose another --out or pass --overwrite")
     if dtype != "auto" and dtype not in DTYPES:
         raise LorakitError(f"unknown dtype {dtype!r}; expected auto, fp32, bf16 or fp16")
+    inputs = [adapter] + ([model] if model and Path(model).exists() else [])
+    check_out(out, KIND, overwrite, inputs)  # before the slow load
     loaded = read_adapter(adapter)
-    source = model or loaded.base_model
-    if not source:
-        raise LorakitError(f"{adapter}: the adapter records no base model; pass --model")
+    source = model or recorded_base(adapter, loaded.base_model)
     labels = loaded.metadata.get("num_labels")
-    options = dict(model_class=loaded.metadata.get("base_class"), num_labels=int(labels) if labels else None)
+    options: dict[str, Any] = dict(model_class=loaded.metadata.get("base_class"), allow_pickle=allow_pickle)
+    options["num_labels"] = int(labels) if labels else None
     quantized = None
     if loaded.metadata.get("base_dtype") == "int8" and importlib.util.find_spec("bitsandbytes") is not None:
         quantized = quantized_logits(source, loaded, options)  # before the full-precision load: one model at a time
@@ -118,15 +120,14 @@ def merge_to_folder(
     # The adapted logits carry the loaded dtype's rounding, the merged ones the saved dtype's: allow the coarser.
     tolerance = max(TOLERANCE.get(loaded_dtype, 1e-1), TOLERANCE.get(saved, 1e-1)) * scale
     if not diff <= tolerance:  # also catches NaN
-        raise LorakitError(
+        raise CheckFailed(
             f"merge check failed: probe logits of the merged model differ by {diff:.3g} "
-            f"(tolerance {tolerance:.3g} for {dtype_name(saved)}); nothing was written",
-            exit_code=1,
+            f"(tolerance {tolerance:.3g} for {dtype_name(saved)}); nothing was written"
         )
     if hasattr(base, "lorakit_targets"):
         del base.lorakit_targets
-    tokenizer = load_tokenizer(source)
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    tokenizer = load_tokenizer(source, required=False)
+    with atomic_dir(out, overwrite=overwrite, kind=KIND) as tmp:
         base.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import json
 import math
 import os
 import re
-from collections.abc import Callable
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,64 +15,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import LorakitError
+from ..errors import LorakitError, Note
 from ..files import write_atomic
-from ..training.data import DataSpec, Encoded, Example, Rows, collate, encode, read_rows, template_values
-from ..training.loss import IGNORE, batch_loss
+from ..training.data import (
+    IGNORE,
+    DataSpec,
+    Encoded,
+    Example,
+    Rows,
+    collate,
+    encode,
+    read_rows,
+    template_values,
+    to_device,
+)
+from ..training.loss import dataset_loss
 from .metrics import classification_metrics, text_metrics
-
-
-@dataclass
-class LossResult:
-    """Mean loss over label tokens (examples for classification) and the count it averages over."""
-
-    loss: float
-    tokens: int
-
-    @property
-    def perplexity(self) -> float:
-        return math.exp(self.loss) if self.loss < 700 else math.inf
-
-
-def label_count(batch: dict[str, torch.Tensor], task: str) -> int:
-    """Positions that carry a loss: shifted label tokens (causal LM) or examples (classification)."""
-    if task == "classification":
-        return int(batch["labels"].numel())
-    return int((batch["labels"][:, 1:] != IGNORE).sum())
-
-
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-@torch.no_grad()
-def dataset_loss(
-    model: nn.Module,
-    examples: list[Example],
-    batch_size: int,
-    pad_id: int,
-    task: str = "causal-lm",
-    max_batches: int | None = None,
-    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-) -> LossResult:
-    """Token-weighted mean loss over `examples` (in order, batches of `batch_size`, no label smoothing)."""
-    was_training = model.training
-    model.eval()
-    device = next(p.device for p in model.parameters())
-    total, count = 0.0, 0
-    # Sorted by length so that batches carry little padding; the mean does not depend on the order.
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    for n, index in enumerate(batches):
-        if max_batches is not None and n >= max_batches:
-            break
-        batch = to_device(collate([examples[i] for i in index], pad_id, task), device)
-        with autocast():
-            loss_sum, tokens = batch_loss(model, batch, task)
-        total += float(loss_sum)
-        count += tokens
-    model.train(was_training)
-    return LossResult(total / max(count, 1), count)
 
 
 @dataclass
@@ -236,7 +194,7 @@ def score_model(
     batch_size: int,
     generate_options: GenerateOptions | None,
     metric_names: list[str],
-    predictions_dir: Path | None,
+    predictions_file: Path | None,
 ) -> ModelScores:
     """Loss and perplexity (the training masking), plus generation metrics or classification accuracy."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
@@ -251,16 +209,63 @@ def score_model(
         groups = prompt_groups(rows, encoded, spec.completion_field, tokenizer, spec.completion_template, spec)
         predictions = generate(model, tokenizer, [g.prompt_ids for g in groups], generate_options)
         scores.metrics = text_metrics(predictions, [g.references for g in groups], metric_names)
-        if predictions_dir is not None:
-            path = predictions_dir / f"{safe_name(name)}.predictions.jsonl"
-            write_predictions(path, groups, predictions)
-            scores.predictions = str(path)
+        if predictions_file is not None:
+            write_predictions(predictions_file, groups, predictions)
+            scores.predictions = str(predictions_file)
     return scores
 
 
 def safe_name(name: str) -> str:
     """A file-name-safe version of a model or adapter name."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "model"
+
+
+def prediction_files(folder: Path, names: list[str]) -> list[Path]:
+    """One predictions file per name, distinct even where safe names collide (`a/b` and `a_b`)."""
+    stems = [safe_name(n) for n in names]
+    counts = {s: stems.count(s) for s in stems}
+    paths = []
+    for name, stem in zip(names, stems):
+        if counts[stem] > 1:
+            stem += "-" + hashlib.sha256(name.encode()).hexdigest()[:8]
+        paths.append(folder / f"{stem}.predictions.jsonl")
+    return paths
+
+
+def check_eval_options(
+    options: GenerateOptions, max_length: int, limit: int | None, threads: int | None, out: Path | None
+) -> None:
+    """Refuse values that cannot work, before anything loads (one line naming the option)."""
+    problems = []
+    for name, value, low in (
+        ("--batch-size", options.batch_size, 1),
+        ("--num-beams", options.num_beams, 1),
+        ("--max-new-tokens", options.max_new_tokens, 1),
+        ("--no-repeat-ngram-size", options.no_repeat_ngram_size, 0),
+        ("--max-length", max_length, 2),
+        ("--limit", limit, 1),
+        ("--threads", threads, 1),
+    ):
+        if value is not None and value < low:
+            problems.append(f"{name} must be at least {low}, got {value}")
+    if not math.isfinite(options.length_penalty):
+        problems.append(f"--length-penalty must be a finite number, got {options.length_penalty}")
+    if out is not None and out.exists() and not out.is_dir():
+        problems.append(f"--out {out} exists and is not a folder (predictions files go into a folder)")
+    if problems:
+        raise LorakitError("; ".join(problems))
+
+
+def data_spec_of(
+    source: str, split: str, hub_config: str | None, limit: int | None, fields: dict[str, str | None]
+) -> DataSpec:
+    """The DataSpec of `lorakit eval`: its defaults, with the field names and templates given on the line."""
+    mapping = {}
+    for name, value in fields.items():
+        if value == "" and not name.endswith("_template"):
+            raise LorakitError(f"--{name.replace('_', '-')} must not be empty")
+        mapping[name] = value or None if name.endswith("_template") else value
+    return DataSpec(source=source, split=split, hub_config=hub_config or None, limit=limit, **mapping)
 
 
 def evaluate_adapters(
@@ -274,6 +279,7 @@ def evaluate_adapters(
     metric_names: list[str] | None = None,
     predictions_dir: Path | None = None,
     trust_remote_code: bool = False,
+    allow_pickle: bool = False,
 ) -> list[ModelScores]:
     """Score the base model, then each adapter on it, on one dataset (the base loads once).
 
@@ -282,37 +288,42 @@ def evaluate_adapters(
     """
     from ..lora.adapter import apply_adapter, read_adapter
     from ..lora.wrap import lora_layers, unwrap
-    from ..models import load_base, load_tokenizer
+    from ..models import PACKAGED, check_task, context_length, load_base, load_config, load_tokenizer, recorded_base
 
     loaded = [read_adapter(a) for a in adapters]  # every file checked before the model loads
     rows = read_rows(spec, task=task)
-    source = model or next((a.base_model for a in loaded if a.base_model), None)
+    source = model or next((recorded_base(a.path, a.base_model) for a in loaded if a.base_model), None)
     tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
-    if tokenizer is None:
-        raise LorakitError(f"{source}: no tokenizer found with the model")
+    config = load_config(source, trust_remote_code=trust_remote_code)
+    check_task(config, task, source or PACKAGED)
+    positions = context_length(config)
+    if positions is not None and max_length > positions:
+        message = f"--max-length {max_length} capped at {positions}, the model's context length"
+        warnings.warn(message, Note, stacklevel=2)
+        max_length = positions
     encoded = encode(rows, tokenizer, max_length, spec)
     if generate_options is not None and encoded.format != "prompt_completion":
         raise LorakitError(f"--generate needs prompt/completion rows; {spec.source} holds {encoded.format} rows")
     base = load_base(
         source,
-        task=task if task == "classification" else None,
+        task=task if task == "classification" else None,  # causal LMs: the class they were saved as
         trust_remote_code=trust_remote_code,
         num_labels=encoded.num_labels if task == "classification" else None,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        allow_pickle=allow_pickle,
     )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     base.to(device)
     names = metric_names or ["bleu", "rouge_l"]
-    results = [
-        score_model("base", base, tokenizer, rows, encoded, spec, batch_size, generate_options, names, predictions_dir)
-    ]
-    for path, adapter in zip(adapters, loaded):
+    labels = ["base", *map(str, adapters)]
+    files = prediction_files(predictions_dir, labels) if predictions_dir is not None else [None] * len(labels)
+    results = [score_model("base", base, tokenizer, rows, encoded, spec, batch_size, generate_options, names, files[0])]
+    for label, adapter, file in zip(labels[1:], loaded, files[1:]):
         if any(True for _ in lora_layers(base)):
             unwrap(base)  # back to the plain base: the next adapter may target other modules
         apply_adapter(base, adapter)
         base.to(device)
         results.append(
-            score_model(
-                str(path), base, tokenizer, rows, encoded, spec, batch_size, generate_options, names, predictions_dir
-            )
+            score_model(label, base, tokenizer, rows, encoded, spec, batch_size, generate_options, names, file)
         )
     return results

@@ -1,19 +1,29 @@
 """Fingerprints of base weights: which base an adapter was trained on.
 
 Two views of one weight:
-- `digest`: a hash of its bytes, exact (same weights, same dtype): `blake2b:<hex>` (BLAKE2b-256, ~2.5x faster
-  than sha256 on CPUs without SHA instructions); adapters from lorakit 0.1 hold a bare sha256 hex digest,
-  which is still accepted.
+- `digest`: a hash of its bytes, exact (same weights, same dtype): `blake2b:<hex>` (BLAKE2b-256, faster than
+  sha256 on CPUs without SHA instructions); adapters from lorakit 0.1 hold a bare sha256 hex digest, which is
+  still accepted.
 - `sketch`: a few signed projections of a fixed sample of its values, normalized by the sample's norm.
   The same weights in another dtype (bf16, fp16, int8) give nearly the same sketch; a different
   checkpoint gives values that differ by O(1).
+
+A base layer's fingerprint is computed once and remembered (`base_fingerprint`), so that it still describes the
+pristine weight after a merge changed it: unmerging restores the weight only up to float rounding.
 """
 
 from __future__ import annotations
 
 import hashlib
+import weakref
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
+from torch import nn
+
+from ..errors import LorakitError
+from .base import dense_weight
 
 SKETCH_SAMPLES = 4096
 SKETCH_PROJECTIONS = 4
@@ -72,3 +82,39 @@ def sketches_match(a: list[float], b: list[float], kind: str = "float") -> bool:
     """Whether two sketches describe the same weights up to dtype rounding."""
     tol = SKETCH_TOLERANCE[kind]
     return len(a) == len(b) and all(abs(x - y) <= tol for x, y in zip(a, b))
+
+
+_REMEMBERED: weakref.WeakKeyDictionary[nn.Module, tuple[str, list[float]]] = weakref.WeakKeyDictionary()
+
+
+def base_fingerprint(base: nn.Module, refuse_new: bool = False) -> tuple[str, list[float]]:
+    """(digest, sketch) of a base layer's weight, computed on the first call and remembered for the module.
+
+    Args:
+        base: the frozen layer (nn.Linear, Conv1D, Linear8bitLt).
+        refuse_new: raise instead of computing (the weight has been changed by a merge since).
+    """
+    if base not in _REMEMBERED:
+        if refuse_new:
+            raise LorakitError("cannot fingerprint a merged layer; unmerge it first")
+        _REMEMBERED[base] = (weight_digest(base.weight), weight_sketch(dense_weight(base)))
+    return _REMEMBERED[base]
+
+
+def forget(base: nn.Module) -> None:
+    """Drop a base layer's remembered fingerprint (its weight now holds a merged update for good)."""
+    _REMEMBERED.pop(base, None)
+
+
+def base_digest(base: nn.Module, algorithm: str) -> str:
+    """The digest of a base layer's current weight by `algorithm` (for adapters that record another one)."""
+    return weight_digest(base.weight, algorithm)
+
+
+def fingerprint_all(bases: Iterable[nn.Module]) -> None:
+    """Fingerprint many base layers at once, one thread per torch thread (hashing releases the GIL)."""
+    pending = [base for base in bases if base not in _REMEMBERED]
+    workers = min(len(pending), torch.get_num_threads())
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(base_fingerprint, pending))  # list(): re-raises a worker's error here

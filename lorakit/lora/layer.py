@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LorakitError
-from .fingerprint import DIGEST, weight_digest, weight_sketch
+from .base import base_shape, is_conv1d, is_linear_like, is_quantized
+from .fingerprint import DIGEST, base_digest, base_fingerprint, fingerprint_all
 
 
 @dataclass(frozen=True)
@@ -33,51 +33,10 @@ class Slice:
         return self.stop - self.start
 
 
-def is_conv1d(module: nn.Module) -> bool:
-    """transformers' Conv1D (GPT-2): a linear layer whose weight is stored transposed, (in, out)."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
 def all_finite(t: torch.Tensor) -> bool:
     """No inf or NaN in `t`. A float32 sum is finite when every element is (inf and NaN propagate) and ~30x
     cheaper than an elementwise test; only a sum that overflows needs the elementwise confirmation."""
     return bool(torch.isfinite(t.sum(dtype=torch.float32))) or bool(torch.isfinite(t).all())
-
-
-def is_quantized(module: nn.Module) -> bool:
-    """A bitsandbytes 8-bit (or other integer) base layer: usable, but not mergeable in place."""
-    weight = getattr(module, "weight", None)
-    return type(module).__module__.startswith("bitsandbytes") or (
-        weight is not None and not torch.is_floating_point(weight)
-    )
-
-
-def is_linear_like(module: nn.Module) -> bool:
-    """What a LoRA layer can wrap."""
-    return isinstance(module, nn.Linear) or is_conv1d(module)
-
-
-def base_shape(module: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of a linear-like module, read from its type."""
-    if is_conv1d(module):
-        in_features, out_features = module.weight.shape  # Conv1D stores (in, out)
-        return int(in_features), int(out_features)
-    return int(module.in_features), int(module.out_features)
-
-
-def dense_weight(module: nn.Module) -> torch.Tensor:
-    """The base weight as a float (out, in) tensor; 8-bit weights are dequantized."""
-    weight = module.weight
-    if is_conv1d(module):
-        return weight.detach().T
-    if torch.is_floating_point(weight):
-        return weight.detach()
-    scb = getattr(weight, "SCB", None)
-    if scb is None:
-        scb = getattr(getattr(module, "state", None), "SCB", None)
-    if scb is None:
-        raise LorakitError(f"cannot read the quantized weight of {type(module).__name__} (no SCB scales)")
-    return weight.detach().float() * (scb.float().unsqueeze(1) / 127.0)  # row-wise absmax int8
 
 
 def _low_rank_grads(g: torch.Tensor, b: torch.Tensor, low: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,7 +201,6 @@ class LoRALayer(nn.Module):
         )  # each (out_slice, r)
         self.merged = False
         self.enabled = True
-        self._fingerprint: tuple[str, list[float]] | None = None
         self.reset_parameters()
         self.train(base.training)  # a layer added to a model in eval mode must not start dropping out
 
@@ -297,31 +255,24 @@ class LoRALayer(nn.Module):
         return (b.detach().float() @ a.detach().float()) * self.scaling
 
     def base_fingerprint(self) -> tuple[str, list[float]]:
-        """(digest, sketch) of the unmerged base weight, computed once."""
-        if self._fingerprint is None:
-            if self.merged:
-                raise LorakitError("cannot fingerprint a merged layer; unmerge it first")
-            weight = self.base.weight
-            self._fingerprint = (weight_digest(weight), weight_sketch(dense_weight(self.base)))
-        return self._fingerprint
+        """(digest, sketch) of the unmerged base weight (remembered from before a merge changed it)."""
+        if self.merged:
+            return base_fingerprint(self.base, refuse_new=True)
+        return base_fingerprint(self.base)
 
     def base_digest(self, algorithm: str = DIGEST) -> str:
-        """The unmerged base weight's digest by `algorithm` (the cached one, or computed for an old adapter)."""
+        """The unmerged base weight's digest by `algorithm` (the remembered one, or computed for an old adapter)."""
         if algorithm == DIGEST:
             return self.base_fingerprint()[0]
         if self.merged:
             raise LorakitError("cannot fingerprint a merged layer; unmerge it first")
-        return weight_digest(self.base.weight, algorithm)
+        return base_digest(self.base, algorithm)
 
     @staticmethod
     def fingerprint_all(layers: Iterable[LoRALayer]) -> None:
-        """Compute the base fingerprints of many layers at once, one thread per torch thread: hashing releases
-        the GIL, and it is the slow part of saving or checking an adapter."""
-        pending = [layer for layer in layers if layer._fingerprint is None]
-        workers = min(len(pending), torch.get_num_threads())
-        if workers > 1:
-            with ThreadPoolExecutor(workers) as pool:
-                list(pool.map(LoRALayer.base_fingerprint, pending))  # list(): re-raises a worker's error here
+        """Compute the base fingerprints of many layers at once (hashing is the slow part of saving or checking
+        an adapter; it runs on all threads)."""
+        fingerprint_all([layer.base for layer in layers if not layer.merged])
 
     @property
     def base_dtype(self) -> str:
@@ -332,7 +283,7 @@ class LoRALayer(nn.Module):
         """Fold the update into the base weight (fp32 arithmetic, finite-checked). Idempotent."""
         if self.merged:
             return
-        self.base_fingerprint()  # remember the pristine base before changing it
+        base_fingerprint(self.base)  # remember the pristine base before changing it
         self._add_delta(+1.0)
         self.merged = True
 

@@ -20,11 +20,13 @@ ALIASES = ("q", "k", "v", "o", "mlp", "all-linear")
 @dataclass(frozen=True)
 class Alias:
     """A module-path suffix (a regex over whole path components), and for fused q/k/v: which of
-    `parts` equal output chunks to take."""
+    `parts` equal output chunks to take. Modules of one block with the same `reads` take the same input tensor
+    (q, k and v; a gated MLP's gate and up projections)."""
 
     suffix: str
     part: int | None = None
     parts: int = 1
+    reads: str | None = None
 
 
 _GPT2 = {
@@ -34,42 +36,69 @@ _GPT2 = {
     "o": [Alias(r"attn\.c_proj")],
     "mlp": [Alias(r"mlp\.c_fc"), Alias(r"mlp\.c_proj")],
 }
-_LLAMA = {
-    "q": [Alias(r"self_attn\.q_proj")],
-    "k": [Alias(r"self_attn\.k_proj")],
-    "v": [Alias(r"self_attn\.v_proj")],
+_LLAMA = {  # a gated MLP: down(act(gate(x)) * up(x))
+    "q": [Alias(r"self_attn\.q_proj", reads="qkv")],
+    "k": [Alias(r"self_attn\.k_proj", reads="qkv")],
+    "v": [Alias(r"self_attn\.v_proj", reads="qkv")],
     "o": [Alias(r"self_attn\.o_proj")],
-    "mlp": [Alias(r"mlp\.gate_proj"), Alias(r"mlp\.up_proj"), Alias(r"mlp\.down_proj")],
+    "mlp": [Alias(r"mlp\.gate_proj", reads="mlp"), Alias(r"mlp\.up_proj", reads="mlp"), Alias(r"mlp\.down_proj")],
 }
 _BERT = {
-    "q": [Alias(r"attention\.self\.query")],
-    "k": [Alias(r"attention\.self\.key")],
-    "v": [Alias(r"attention\.self\.value")],
+    "q": [Alias(r"attention\.self\.query", reads="qkv")],
+    "k": [Alias(r"attention\.self\.key", reads="qkv")],
+    "v": [Alias(r"attention\.self\.value", reads="qkv")],
     "o": [Alias(r"attention\.output\.dense")],
     # `output.dense` alone would also match attention.output.dense: anchor on the layer index.
     "mlp": [Alias(r"intermediate\.dense"), Alias(r"layer\.\d+\.output\.dense")],
 }
 _DISTILBERT = {
-    "q": [Alias(r"attention\.q_lin")],
-    "k": [Alias(r"attention\.k_lin")],
-    "v": [Alias(r"attention\.v_lin")],
+    "q": [Alias(r"attention\.q_lin", reads="qkv")],
+    "k": [Alias(r"attention\.k_lin", reads="qkv")],
+    "v": [Alias(r"attention\.v_lin", reads="qkv")],
     "o": [Alias(r"attention\.out_lin")],
     "mlp": [Alias(r"ffn\.lin1"), Alias(r"ffn\.lin2")],
 }
+LLAMA_LIKE = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2")
 ARCHITECTURES: dict[str, dict[str, list[Alias]]] = {
     "gpt2": _GPT2,
-    "llama": _LLAMA,
-    "mistral": _LLAMA,
-    "mixtral": _LLAMA,
-    "qwen2": _LLAMA,
-    "qwen3": _LLAMA,
-    "gemma": _LLAMA,
-    "gemma2": _LLAMA,
+    **{model_type: _LLAMA for model_type in LLAMA_LIKE},
     "bert": _BERT,
     "roberta": _BERT,
     "xlm-roberta": _BERT,
     "distilbert": _DISTILBERT,
 }
+
+
+def alias_table(model_type: str | None) -> dict[str, list[Alias]]:
+    """The aliases of a model type, or of the family it extends (`qwen2_moe` -> qwen2, `gemma3` -> gemma)."""
+    model_type = model_type or ""
+    if model_type in ARCHITECTURES:
+        return ARCHITECTURES[model_type]
+    family = max((t for t in ARCHITECTURES if model_type.startswith(t)), key=len, default=None)
+    return ARCHITECTURES[family] if family else {}
+
+
+def has_gated_mlp(model_type: str | None) -> bool:
+    """A Llama-style MLP, down(act(gate(x)) * up(x)), rather than down(act(up(x)))."""
+    return alias_table(model_type) is _LLAMA
+
+
+def input_group(path: str, model_type: str | None) -> str:
+    """A key shared by the adapted modules of one block that read the same input tensor (`...self_attn.qkv` for
+    q, k and v); the module's own path otherwise. Unknown model types are matched against every table."""
+    tables = (
+        [alias_table(model_type)]
+        if alias_table(model_type)
+        else list({id(t): t for t in ARCHITECTURES.values()}.values())
+    )
+    for table in tables:
+        for aliases in table.values():
+            for alias in aliases:
+                if alias.reads and _suffix_matches(path, alias.suffix):
+                    block = path[: len(path) - len(re.search(rf"(?:{alias.suffix})$", path)[0])]
+                    return block + alias.reads
+    return path
+
 
 _SLICE_NAMES = ("q", "k", "v")
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
@@ -136,7 +165,7 @@ def resolve_targets(model: nn.Module, targets: str | list[str], layers: list[int
     if not tokens:
         raise LorakitError("no targets given; expected e.g. 'q,v', 'all-linear', a module suffix or 're:REGEX'")
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    table = ARCHITECTURES.get(model_type or "", {})
+    table = alias_table(model_type)
     candidates = _linear_modules(model)
     all_named = {n: m for n, m in model.named_modules() if is_linear_like(m) and n}
     chosen: dict[str, set[int] | None] = {}  # path -> slice parts (None: whole module)

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from torch import nn
 
 from ..errors import LorakitError
-from .fingerprint import combine_digests
+from .fingerprint import forget
 from .layer import LoRALayer, Slice
 from .targets import Target, resolve_targets, split_targets
 
@@ -96,9 +96,18 @@ def set_adapter_enabled(model: nn.Module, enabled: bool) -> None:
 def unwrap(model: nn.Module) -> None:
     """Replace every LoRA layer by its base module (merge first to keep the update)."""
     for path, layer in list(lora_layers(model)):
+        if layer.merged:
+            forget(layer.base)  # the merged weight is the base now
         _set_submodule(model, path, layer.base)
 
 
-def base_fingerprint(model: nn.Module) -> str:
-    """Short exact fingerprint of the base weights under the LoRA layers."""
-    return combine_digests({path: layer.base_fingerprint()[0] for path, layer in lora_layers(model)})
+def oversized_ranks(model: nn.Module) -> list[tuple[str, int]]:
+    """(adapted name, its largest useful rank) for every A/B pair whose rank exceeds the smaller side of its
+    update (in x out): the rank of B A cannot exceed it, so the extra parameters add no capacity."""
+    found = []
+    for path, layer in lora_layers(model):
+        for s in layer.slices:
+            limit = min(layer.in_features, s.size)
+            if layer.rank > limit:
+                found.append((f"{path}.{s.name}" if s.name else path, limit))
+    return found

@@ -2,17 +2,22 @@
 
 `<run>/checkpoints/step-000120/` holds
 - `adapter.safetensors`: the adapter at that step (a normal adapter file);
-- `optimizer.safetensors`: AdamW moments per LoRA parameter, and the RNG states as uint8 tensors;
-- `state.json`: step, data position, AdamW step counts, grad-scaler state, the trainer's counters.
-`<run>/checkpoints/latest` names the newest complete checkpoint; it is written last, so a killed process
-leaves the previous checkpoint in charge.
+- `optimizer.safetensors`: AdamW moments per trainable parameter, and the RNG states as uint8 tensors;
+- `state.json`: the `RunState` (step, data position, first and last evaluation, ...) and AdamW's step counts.
+
+A step folder is written under a temporary name, flushed to disk and renamed: its presence means it is complete.
+`--resume` continues from the newest step folder; `checkpoints/latest` names it too (for people and older
+versions) but never decides. Older folders are removed once a newer one is complete (`KEEP` are kept).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +28,74 @@ from ..files import atomic_dir, write_atomic
 from ..lora.adapter import Adapter, read_adapter, save_adapter
 
 KEEP = 2  # checkpoints kept; older ones are removed once a newer one is complete
+FILES = ("adapter.safetensors", "optimizer.safetensors", "state.json")
+_STEP_FOLDER = re.compile(r"step-(\d+)")
+
+
+def crash_point(name: str) -> None:
+    """A named point of the checkpoint write; tests replace this to kill the process exactly there."""
+
+
+@dataclass
+class RunState:
+    """What changes while a run trains; a checkpoint's `state.json` is exactly this (plus AdamW's step counts)."""
+
+    step: int = 0
+    """Optimizer steps done."""
+    epoch: int = 0
+    """Epoch of the next micro-batch."""
+    batch: int = 0
+    """Index of the next global micro-batch within that epoch."""
+    first_eval_loss: float | None = None
+    """Evaluation loss of the base, before the first step."""
+    last_eval_step: int | None = None
+    last_eval_loss: float | None = None
+    data: str = ""
+    """Fingerprint of the encoded training examples (a resumed run must see the same)."""
+    eval_data: str | None = None
+    """Fingerprint of the encoded evaluation examples."""
+    world_size: int = 1
+    """Processes of the run (the data position counts global batches; RNG states are per process)."""
+    scaler: dict[str, Any] | None = None
+    """fp16 gradient scaler state."""
+
+    @classmethod
+    def from_json(cls, value: Any, where: Path) -> RunState:
+        """The state saved in `where`, every field checked."""
+        if not isinstance(value, dict):
+            raise LorakitError(f"{where}: expected a JSON object, got {type(value).__name__}")
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in value.items() if k in known}
+        values.setdefault("world_size", 1)  # checkpoints of single-process runs of lorakit 0.1
+        for name, low in (("step", 0), ("epoch", 0), ("batch", 0), ("world_size", 1)):
+            if name not in values:
+                raise LorakitError(f"{where}: no {name!r}; the checkpoint is damaged")
+            v = values[name]
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise LorakitError(f"{where}: {name} is {v!r}, expected a whole number of at least {low}")
+        for name in ("first_eval_loss", "last_eval_loss"):
+            v = values.get(name)
+            if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)):
+                raise LorakitError(f"{where}: {name} is {v!r}, expected a finite number or null")
+        v = values.get("last_eval_step")
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise LorakitError(f"{where}: last_eval_step is {v!r}, expected a whole number or null")
+        for name, allowed in (("data", (str,)), ("eval_data", (str, type(None))), ("scaler", (dict, type(None)))):
+            if name in values and not isinstance(values[name], allowed):
+                raise LorakitError(f"{where}: {name} is {values[name]!r}, which is not what lorakit writes there")
+        return cls(**values)
 
 
 @dataclass
 class Checkpoint:
-    """A checkpoint read back from disk."""
+    """A checkpoint read back from disk and checked."""
 
     path: Path
-    step: int
-    state: dict[str, Any]
+    state: RunState
+    adam_steps: dict[str, float]
     adapter: Adapter
-    optimizer: dict[str, torch.Tensor]
+    tensors: dict[str, torch.Tensor]
+    """Optimizer moments (`exp_avg.<i>`, `exp_avg_sq.<i>`) and RNG states (`[rank<r>.]rng.*`)."""
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -45,16 +107,25 @@ def rng_state() -> dict[str, torch.Tensor]:
     return states
 
 
-def set_rng_state(tensors: dict[str, torch.Tensor], rank: int = 0) -> None:
+def set_rng_state(tensors: dict[str, torch.Tensor], rank: int = 0, where: Path | str = "checkpoint") -> None:
     """Restore the generators saved for `rank` (`rank{r}.rng.*`; single-process checkpoints: `rng.*`)."""
     prefix = f"rank{rank}." if f"rank{rank}.rng.cpu" in tensors else ""
     if f"{prefix}rng.cpu" not in tensors:
-        raise LorakitError(f"checkpoint has no RNG state for rank {rank}; resume with the same number of processes")
-    torch.set_rng_state(tensors[f"{prefix}rng.cpu"])
-    cuda_prefix = f"{prefix}rng.cuda."
-    cuda = sorted((k for k in tensors if k.startswith(cuda_prefix)), key=lambda k: int(k.rsplit(".", 1)[1]))
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+        raise LorakitError(f"{where}: no RNG state for rank {rank}; resume with the same number of processes")
+    cpu = tensors[f"{prefix}rng.cpu"]
+    expected = torch.get_rng_state()
+    if cpu.dtype != torch.uint8 or cpu.shape != expected.shape:
+        raise LorakitError(
+            f"{where}: the CPU RNG state is {cpu.dtype} {tuple(cpu.shape)}, expected uint8 {tuple(expected.shape)}"
+        )
+    try:
+        torch.set_rng_state(cpu)
+        cuda_prefix = f"{prefix}rng.cuda."
+        cuda = sorted((k for k in tensors if k.startswith(cuda_prefix)), key=lambda k: int(k.rsplit(".", 1)[1]))
+        if cuda and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+    except (RuntimeError, ValueError) as e:
+        raise LorakitError(f"{where}: cannot restore the RNG state ({e})") from None
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
@@ -71,70 +142,100 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
     return tensors, steps
 
 
-def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], steps: dict[str, float]) -> None:
+def load_optimizer(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], steps: Any, where: Path | str = "checkpoint"
+) -> None:
+    """Give AdamW back its moments and step counts, each checked against the parameter it belongs to."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    if not isinstance(steps, dict):
+        raise LorakitError(f"{where}: adam_steps is {steps!r}, expected an object")
+    restored = {}
     for key, step in steps.items():
-        i = int(key)
-        if i >= len(params):
-            raise LorakitError(f"checkpoint optimizer state names parameter {i}; the model has {len(params)}")
-        p = params[i]
-        optimizer.state[p] = {
-            "step": torch.tensor(step),
-            "exp_avg": tensors[f"exp_avg.{i}"].to(p.device, p.dtype),
-            "exp_avg_sq": tensors[f"exp_avg_sq.{i}"].to(p.device, p.dtype),
-        }
+        if not (isinstance(key, str) and key.isdigit() and int(key) < len(params)):
+            raise LorakitError(f"{where}: optimizer state names parameter {key!r}; the model has {len(params)}")
+        if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 <= step < 2**53:
+            raise LorakitError(f"{where}: AdamW step count {step!r} for parameter {key}")
+        p = params[int(key)]
+        moments = {}
+        for name in ("exp_avg", "exp_avg_sq"):
+            t = tensors.get(f"{name}.{key}")
+            if t is None or t.shape != p.shape or not torch.is_floating_point(t):
+                found = "missing" if t is None else f"{t.dtype} {tuple(t.shape)}"
+                raise LorakitError(f"{where}: {name} of parameter {key} is {found}, expected {tuple(p.shape)}")
+            moments[name] = t.to(p.device, p.dtype)
+        restored[p] = {"step": torch.tensor(float(step)), **moments}
+    optimizer.state.update(restored)
 
 
 def save_checkpoint(
     run_dir: Path,
-    step: int,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    state: dict[str, Any],
+    state: RunState,
     base_model: str | None = None,
     rng: list[dict[str, torch.Tensor]] | None = None,
 ) -> Path:
-    """Write a complete checkpoint for `step`, then point `latest` at it and prune old ones.
+    """Write a complete checkpoint of `state.step`, then point `latest` at it and prune old ones.
 
     `rng` holds every rank's generator states in a distributed run (default: this process's).
     """
     from safetensors.torch import save_file
 
     root = run_dir / "checkpoints"
-    target = root / f"step-{step:06d}"
+    target = root / f"step-{state.step:06d}"
     tensors, steps = optimizer_tensors(optimizer)
     if rng is None or len(rng) == 1:
         tensors.update(rng[0] if rng else rng_state())
     else:
         for r, states in enumerate(rng):
             tensors.update({f"rank{r}.{k}": v for k, v in states.items()})
-    with atomic_dir(target, overwrite=True) as tmp:
+    with atomic_dir(target, overwrite=True) as tmp:  # flushed to disk, then renamed
         save_adapter(model, tmp / "adapter.safetensors", base_model=base_model)
+        crash_point("adapter")
         save_file(tensors, str(tmp / "optimizer.safetensors"))
-        (tmp / "state.json").write_text(json.dumps({**state, "step": step, "adam_steps": steps}, indent=1))
+        crash_point("optimizer")
+        (tmp / "state.json").write_text(json.dumps({**asdict(state), "adam_steps": steps}, indent=1))
+        crash_point("state")
+    crash_point("published")
     write_atomic(root / "latest", target.name + "\n")
-    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-KEEP]:
-        shutil.rmtree(old, ignore_errors=True)
+    crash_point("pointer")
+    for old in step_folders(root)[:-KEEP]:
+        hidden = old.with_name(f".{old.name}.old")  # renamed first: a half-removed folder never looks complete
+        os.replace(old, hidden)
+        shutil.rmtree(hidden, ignore_errors=True)
+        crash_point("pruned")
     return target
+
+
+def step_folders(root: Path) -> list[Path]:
+    """The `step-N` folders under `root`, oldest first (by N, not by name: step-1000000 follows step-999999)."""
+    if not root.is_dir():
+        return []
+    found = [(int(m[1]), p) for p in root.iterdir() if (m := _STEP_FOLDER.fullmatch(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint of a run, or None."""
-    pointer = run_dir / "checkpoints" / "latest"
-    if not pointer.is_file():
-        return None
-    path = run_dir / "checkpoints" / pointer.read_text().strip()
-    return path if (path / "state.json").is_file() else None
+    for path in reversed(step_folders(run_dir / "checkpoints")):
+        if all((path / name).is_file() for name in FILES):
+            return path
+    return None
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
-    """Read a checkpoint folder (safetensors and JSON only)."""
+    """Read a checkpoint folder (safetensors and JSON only), every part checked."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
-        state = json.loads((path / "state.json").read_text())
-        optimizer = load_file(str(path / "optimizer.safetensors"))
-    except (OSError, ValueError) as e:
-        raise LorakitError(f"{path}: unreadable checkpoint ({e})") from None
+        saved = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise LorakitError(f"{path / 'state.json'}: unreadable ({e})") from None
+    state = RunState.from_json(saved, path / "state.json")
+    try:
+        tensors = load_file(str(path / "optimizer.safetensors"))
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        raise LorakitError(f"{path / 'optimizer.safetensors'}: unreadable ({e})") from None
     adapter = read_adapter(path / "adapter.safetensors")
-    return Checkpoint(path, int(state["step"]), state, adapter, optimizer)
+    return Checkpoint(path, state, saved.get("adam_steps", {}), adapter, tensors)

@@ -9,12 +9,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from ..errors import LorakitError
+from .data import DataSpec
 
 Precision = Literal["fp32", "bf16", "fp16"]
 Task = Literal["causal-lm", "classification"]
@@ -33,6 +35,8 @@ class TrainConfig:
     """Classes for `classification` (default: counted from the training labels)."""
     trust_remote_code: bool = False
     """Allow model code from the hub (off unless asked for)."""
+    allow_pickle: bool = False
+    """Load a base stored only as pickled `pytorch_model.bin` (pickles can run code; refused unless asked for)."""
     precision: Precision = "fp32"
     """Compute precision: fp32, bf16 (autocast) or fp16 (autocast + grad scaler)."""
     load_in_8bit: bool = False
@@ -47,27 +51,28 @@ class TrainConfig:
     """Training data: .jsonl/.json/.csv/.parquet, a saved datasets folder or a hub dataset; None: the demo set."""
     eval_data: str | None = None
     """Evaluation data (same forms as `data`)."""
-    split: str = "train"
+    split: str = DataSpec.split
     """Split of a hub dataset or DatasetDict folder for `data`."""
     eval_split: str = "validation"
     """Split for `eval_data` when it is a hub dataset or DatasetDict folder."""
-    data_config: str | None = None
+    data_config: str | None = DataSpec.hub_config
     """Hub dataset configuration name."""
-    text_field: str = "text"
-    prompt_field: str = "prompt"
-    completion_field: str = "completion"
-    messages_field: str = "messages"
-    label_field: str = "label"
-    prompt_template: str | None = None
+    text_field: str = DataSpec.text_field
+    prompt_field: str = DataSpec.prompt_field
+    completion_field: str = DataSpec.completion_field
+    messages_field: str = DataSpec.messages_field
+    label_field: str = DataSpec.label_field
+    prompt_template: str | None = DataSpec.prompt_template
     """Python format string over the row's fields plus {eos} and {bos}, e.g. "{mr}{eos}"."""
-    completion_template: str | None = None
+    completion_template: str | None = DataSpec.completion_template
     """Format string for the completion, e.g. " {ref}"."""
     limit: int | None = None
     """Use only the first N training rows."""
     eval_limit: int | None = None
     """Use only the first N evaluation rows."""
     max_length: int = 512
-    """Truncate examples to this many tokens (truncated rows are counted and reported)."""
+    """Truncate examples to this many tokens (truncated rows are counted and reported); capped at the model's
+    context length."""
 
     # LoRA
     targets: str = "q,v"
@@ -96,7 +101,7 @@ class TrainConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-6
     max_grad_norm: float | None = None
-    """Clip the gradient norm (None: no clipping, as in the paper)."""
+    """Clip the gradient norm to this (None or 0: no clipping, as in the paper)."""
     label_smoothing: float = 0.0
     seed: int = 42
 
@@ -117,6 +122,25 @@ class TrainConfig:
     """Print parameter counts, adapter size and a memory estimate from the config alone; train nothing."""
     nproc: int | None = None
     """Launch this many processes through torchrun (data-parallel training on this machine)."""
+    threads: int | None = None
+    """CPU threads for torch in each process (None: torch's default, one per core)."""
+
+    def data_spec(self, which: Literal["train", "eval"] = "train") -> DataSpec:
+        """Where the training (or evaluation) rows come from and how their fields map onto a format."""
+        train = which == "train"
+        return DataSpec(
+            source=self.data if train else self.eval_data,
+            split=self.split if train else self.eval_split,
+            hub_config=self.data_config,
+            text_field=self.text_field,
+            prompt_field=self.prompt_field,
+            completion_field=self.completion_field,
+            messages_field=self.messages_field,
+            label_field=self.label_field,
+            prompt_template=self.prompt_template,
+            completion_template=self.completion_template,
+            limit=self.limit if train else self.eval_limit,
+        )
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -141,53 +165,79 @@ def _coerce(name: str, value: Any) -> Any:
     if kind is bool:
         if isinstance(value, bool):
             return value
-        raise ValueError(f"expected true or false, got {value!r}")
+        raise ValueError(f"expected true or false, got {_short(value)}")
     if kind is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ValueError(f"expected an integer, got {value!r}")
+        raise ValueError(f"expected an integer, got {_short(value)}")
     if kind is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 (PyYAML) reads `lr: 2e-4` as the string "2e-4"
-            with contextlib.suppress(ValueError):
-                return float(value)
-        raise ValueError(f"expected a number, got {value!r}")
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            with contextlib.suppress(ValueError, OverflowError):
+                return float(value)  # also a string: YAML 1.1 (PyYAML) reads `lr: 2e-4` as the string "2e-4"
+        raise ValueError(f"expected a number, got {_short(value)}")
     if kind is str:
-        if isinstance(value, str):
-            return value
-        raise ValueError(f"expected a string, got {value!r}")
+        if not isinstance(value, str):
+            raise ValueError(f"expected a string, got {_short(value)}")
+        if not value:
+            if optional:
+                return None  # an empty value clears a recipe's setting
+            raise ValueError("must not be empty")
+        return value
     if get_origin(kind) is list:
         if isinstance(value, str):
+            if not value.strip():
+                return None  # an empty value clears a recipe's setting
             value = [v for v in value.split(",") if v.strip()]
-        if isinstance(value, list) and all(
-            isinstance(v, int) or (isinstance(v, str) and v.strip().isdigit()) for v in value
-        ):
+        if isinstance(value, list) and all(_is_index(v) for v in value):
             return [int(v) for v in value]
-        raise ValueError(f"expected a list of integers, got {value!r}")
+        raise ValueError(f"expected a list of integers, got {_short(value)}")
     return value
 
 
+POSITIVE_INTS = ("rank", "batch_size", "grad_accum", "log_every", "max_steps", "save_every", "eval_every")
+POSITIVE_INTS += ("eval_batches", "limit", "eval_limit", "nproc", "threads")
+POSITIVE_FLOATS = ("alpha", "lr", "epochs", "adam_eps")
+FRACTIONS = ("dropout", "label_smoothing", "adam_beta1", "adam_beta2")  # in [0, 1)
+NON_NEGATIVE_FLOATS = ("weight_decay", "max_grad_norm")
+SEED_LIMIT = 2**63
+
+
+def _is_index(value: Any) -> bool:
+    """An int, or a string of ASCII digits (`--layers 0,1`)."""
+    if isinstance(value, str):
+        return value.strip().isascii() and value.strip().isdigit()
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _check_values(cfg: TrainConfig) -> list[str]:
+    """Every value that cannot work, named with what is allowed."""
     problems = []
-    positive = ["rank", "batch_size", "grad_accum", "max_length", "log_every"]
-    for name in positive:
-        if getattr(cfg, name) < 1:
-            problems.append(f"{name}: must be at least 1, got {getattr(cfg, name)}")
-    for name in ("max_steps", "save_every", "eval_every", "eval_batches", "limit", "eval_limit", "num_labels", "nproc"):
-        value = getattr(cfg, name)
-        if value is not None and value < 1:
-            problems.append(f"{name}: must be at least 1, got {value}")
-    if not 0.0 <= cfg.dropout < 1.0:
-        problems.append(f"dropout: must be in [0, 1), got {cfg.dropout}")
-    if not 0.0 <= cfg.label_smoothing < 1.0:
-        problems.append(f"label_smoothing: must be in [0, 1), got {cfg.label_smoothing}")
-    if cfg.lr <= 0:
-        problems.append(f"lr: must be positive, got {cfg.lr}")
-    if cfg.epochs <= 0:
-        problems.append(f"epochs: must be positive, got {cfg.epochs}")
-    if cfg.warmup_steps < 0:
-        problems.append(f"warmup_steps: must be 0 or more, got {cfg.warmup_steps}")
+
+    def need(name: str, ok: bool, allowed: str) -> None:
+        if not ok:
+            problems.append(f"{name}: must be {allowed}, got {getattr(cfg, name)}")
+
+    values = {name: getattr(cfg, name) for name in FIELDS}
+    for name in POSITIVE_INTS:
+        need(name, values[name] is None or values[name] >= 1, "at least 1")
+    for name in POSITIVE_FLOATS:
+        need(name, math.isfinite(values[name]) and values[name] > 0, "positive and finite")
+    for name in FRACTIONS:
+        need(name, 0.0 <= values[name] < 1.0, "in [0, 1)")
+    for name in NON_NEGATIVE_FLOATS:
+        value = values[name]
+        need(name, value is None or (math.isfinite(value) and value >= 0), "0 or more and finite")
+    need("max_length", cfg.max_length >= 2, "at least 2")
+    need("num_labels", cfg.num_labels is None or cfg.num_labels >= 2, "at least 2")
+    need("warmup_steps", cfg.warmup_steps >= 0, "0 or more")
+    need("seed", 0 <= cfg.seed < SEED_LIMIT, "0 or more and below 2**63")
+    if cfg.layers is not None:
+        need("layers", bool(cfg.layers) and min(cfg.layers) >= 0, "a non-empty list of block indices (0 or more)")
     if cfg.resume and cfg.overwrite:
         problems.append("resume and overwrite: choose one")
     return problems
@@ -244,6 +294,26 @@ def build_config(
     return cfg
 
 
+RESUME_MAY_CHANGE = frozenset(
+    # Where things are (the data and base are checked by their fingerprints instead), how often to log, save and
+    # evaluate, and how the processes run. Everything else shapes the run: changing it would mix two runs.
+    ("model", "data", "eval_data", "split", "eval_split", "data_config", "text_field", "prompt_field")
+    + ("completion_field", "messages_field", "label_field", "prompt_template", "completion_template", "limit")
+    + ("eval_limit", "max_length", "trust_remote_code", "allow_pickle", "out", "save_every", "eval_every")
+    + ("log_every", "resume", "overwrite", "dry_run", "nproc", "threads")
+)
+
+
+def resume_changes(saved: TrainConfig, cfg: TrainConfig) -> list[str]:
+    """The settings in which `cfg` differs from the run being resumed and that an exact resume cannot take,
+    as `name: saved -> new`."""
+    return [
+        f"{name}: {getattr(saved, name)!r} -> {getattr(cfg, name)!r}"
+        for name in FIELDS
+        if name not in RESUME_MAY_CHANGE and getattr(saved, name) != getattr(cfg, name)
+    ]
+
+
 def to_yaml(cfg: TrainConfig) -> str:
     """The resolved configuration as a recipe (every key, in field order)."""
     import yaml
@@ -251,4 +321,4 @@ def to_yaml(cfg: TrainConfig) -> str:
     return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False, allow_unicode=True)
 
 
-__all__ = ["TrainConfig", "build_config", "read_recipe", "to_yaml", "FIELDS"]
+__all__ = ["TrainConfig", "build_config", "read_recipe", "resume_changes", "to_yaml", "FIELDS"]

@@ -695,6 +695,11 @@ def collate(examples: list[Example], pad_id: int, task: str = "causal-lm") -> di
     }
 
 
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A collated batch on `device` (copies are asynchronous where the device allows)."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def batch_order(
     lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length: bool = True
 ) -> list[list[int]]:

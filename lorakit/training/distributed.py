@@ -98,6 +98,7 @@ def barrier(world: World) -> None:
 
 
 def shutdown(world: World) -> None:
+    """Leave the process group (at the end of a run, also after an error)."""
     import torch.distributed as dist
 
     if world.distributed and dist.is_initialized():
@@ -117,12 +118,15 @@ def without_nproc(argv: list[str]) -> list[str]:
     return out
 
 
-def launch(nproc: int, argv: list[str]) -> int:
+def launch(nproc: int, argv: list[str], threads: int | None = None) -> int:
     """Run `lorakit <argv>` in `nproc` processes through torchrun on this machine; returns its exit code.
 
     `--standalone` gives the run a rendezvous on a free local port, so two runs on one machine do not collide
-    (plain torchrun uses port 29500 for every run).
+    (plain torchrun uses port 29500 for every run). Each process gets `threads` CPU threads (default: the cores
+    shared out), set as OMP_NUM_THREADS, which also keeps torchrun from printing its advice about it.
     """
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
     command += ["-m", "lorakit"]
-    return subprocess.call(command + without_nproc(argv))
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(threads or max(1, (os.cpu_count() or 1) // nproc)))
+    return subprocess.call(command + without_nproc(argv), env=env)

@@ -6,11 +6,16 @@ no logits, which saves most of the LM head's work on prompt/completion data.
 
 from __future__ import annotations
 
+import contextlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE = -100
+from .data import IGNORE, Example, collate, to_device
 
 
 def _backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
@@ -67,3 +72,66 @@ def batch_loss(
     if task == "classification":
         return classification_loss(model, batch, label_smoothing)
     return causal_lm_loss(model, batch, label_smoothing)
+
+
+def label_count(batch: dict[str, torch.Tensor], task: str) -> int:
+    """Positions that carry a loss: shifted label tokens (causal LM) or examples (classification)."""
+    if task == "classification":
+        return int(batch["labels"].numel())
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+class LossStep(nn.Module):
+    """The model's summed loss as a module, so that DDP's forward (and gradient sync) sees every step."""
+
+    def __init__(self, model: nn.Module, task: str, label_smoothing: float) -> None:
+        super().__init__()
+        self.model = model
+        self.task = task
+        self.label_smoothing = label_smoothing
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        loss_sum, _ = batch_loss(self.model, batch, self.task, self.label_smoothing)
+        return loss_sum
+
+
+@dataclass
+class LossResult:
+    """Mean loss over label tokens (examples for classification) and the count it averages over."""
+
+    loss: float
+    tokens: int
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss) if self.loss < 700 else math.inf
+
+
+@torch.no_grad()
+def dataset_loss(
+    model: nn.Module,
+    examples: list[Example],
+    batch_size: int,
+    pad_id: int,
+    task: str = "causal-lm",
+    max_batches: int | None = None,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> LossResult:
+    """Token-weighted mean loss over `examples` (in order, batches of `batch_size`, no label smoothing)."""
+    was_training = model.training
+    model.eval()
+    device = next(p.device for p in model.parameters())
+    total, count = 0.0, 0
+    # Sorted by length so that batches carry little padding; the mean does not depend on the order.
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    for n, index in enumerate(batches):
+        if max_batches is not None and n >= max_batches:
+            break
+        batch = to_device(collate([examples[i] for i in index], pad_id, task), device)
+        with autocast():
+            loss_sum, tokens = batch_loss(model, batch, task)
+        total += float(loss_sum)
+        count += tokens
+    model.train(was_training)
+    return LossResult(total / max(count, 1), count)

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..lora.layer import base_shape, is_linear_like
-from ..lora.targets import layer_index
+from ..lora.targets import has_gated_mlp, input_group, layer_index
 from ..lora.wrap import add_lora, lora_layers
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -95,9 +95,7 @@ def _block_elements(config: Any, lora_input_width: int) -> int:
     h = int(getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0) or getattr(config, "dim", 0))
     inner = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
     inner = int(inner or getattr(config, "hidden_dim", None) or 4 * h)
-    gated = hasattr(config, "hidden_act") and any(
-        k in str(getattr(config, "model_type", "")) for k in ("llama", "mistral", "qwen", "gemma", "mixtral")
-    )
+    gated = has_gated_mlp(getattr(config, "model_type", None))
     heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None) or 1
     kv = h * (getattr(config, "num_key_value_heads", None) or heads) // heads  # k, v width
     return 2 * h + (2 * h + 2 * kv) + (3 if gated else 2) * inner + lora_input_width
@@ -156,7 +154,8 @@ def estimate_memory(
         if not p.requires_grad
     )
     n_blocks = max(1, int(getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 1)))
-    lora_inputs = {_input_key(path): layer.in_features for path, layer in lora.items()}  # one saved copy each
+    model_type = getattr(config, "model_type", None)
+    lora_inputs = {input_group(path, model_type): layer.in_features for path, layer in lora.items()}  # one copy each
     tokens = batch_size * seq_len
     per_block = _block_elements(config, sum(lora_inputs.values()) // n_blocks)
     activations = tokens * n_blocks * per_block * value_bytes
@@ -240,28 +239,14 @@ def adapter_file_bytes(model: nn.Module, dtype: str, base_model: str = "", extra
     return 8 + -(-len(text) // 8) * 8 + offset  # length prefix, header padded to 8 bytes, data
 
 
-def _input_key(path: str) -> str:
-    """LoRA layers reading the same tensor (q, k, v of one block) keep one copy of it: group them."""
-    parent, _, leaf = path.rpartition(".")
-    if leaf in ("q_proj", "k_proj", "v_proj", "query", "key", "value", "q_lin", "k_lin", "v_lin"):
-        return parent + ".qkv"
-    if leaf in ("gate_proj", "up_proj"):
-        return parent + ".gate_up"
-    return path
-
-
-def _mib(n: int) -> str:
-    return f"{n / 2**20:,.1f} MiB"
-
-
 def dry_run_estimate(cfg: Any) -> MemoryEstimate:
     """The estimate for a TrainConfig: the model's config (and its checkpoint's tensor names), never its weights."""
-    from transformers import AutoConfig
+    from ..models import base_name, check_task, context_length, load_config, resolve_source
 
-    from ..models import PACKAGED, resolve_source
-
+    config = load_config(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    check_task(config, cfg.task, cfg.model or base_name(None))
     source = resolve_source(cfg.model)
-    config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+    positions = context_length(config)
     if cfg.task == "classification":
         config.num_labels = cfg.num_labels or _data_num_labels(cfg) or config.num_labels
     return estimate_memory(
@@ -272,45 +257,13 @@ def dry_run_estimate(cfg: Any) -> MemoryEstimate:
         layers=cfg.layers,
         task=cfg.task,
         batch_size=cfg.batch_size,
-        seq_len=cfg.max_length,
+        seq_len=min(cfg.max_length, positions or cfg.max_length),  # as train() caps it
         precision=cfg.precision,
         load_in_8bit=cfg.load_in_8bit,
         checkpoint_keys=read_checkpoint_keys(source) if Path(source).is_dir() else None,
-        base_model=cfg.model or PACKAGED,
+        base_model=base_name(cfg.model),
         adapter_metadata={"train_config": json.dumps(asdict(replace(cfg, dry_run=False)))},  # what train() records
     )
-
-
-def dry_run_report(cfg: Any) -> Any:
-    """A rich table for `lorakit train --dry-run`: counts, adapter size and memory, from the config alone."""
-    from rich.table import Table
-
-    from ..models import PACKAGED
-
-    est = dry_run_estimate(cfg)
-    table = Table(title=f"lorakit train --dry-run: {cfg.model or PACKAGED}", show_header=False)
-    head = " + new head" if cfg.task == "classification" else ""
-    table.add_row(f"trainable parameters (LoRA{head})", f"{est.trainable_params:,}")
-    table.add_row("frozen parameters", f"{est.frozen_params:,}")
-    table.add_row("adapter file", f"{est.adapter_file_bytes:,} bytes ({est.adapter_tensor_bytes:,} of tensors)")
-    table.add_row(
-        "weights", _mib(est.weights_bytes) + (" (8-bit linear layers)" if cfg.load_in_8bit else f" ({cfg.precision})")
-    )
-    table.add_row("LoRA parameters, gradients, AdamW state", _mib(est.lora_state_bytes))
-    table.add_row(f"activations, batch {cfg.batch_size} x {cfg.max_length} tokens", _mib(est.activation_bytes))
-    table.add_row("  with gradient checkpointing", _mib(est.activation_bytes_checkpointed))
-    table.add_row("logits at label positions (+ gradient)", _mib(est.logits_bytes))
-    chosen = est.peak_bytes_checkpointed if cfg.gradient_checkpointing else est.peak_bytes
-    table.add_row(
-        "estimated peak", f"{_mib(est.peak_bytes)} ({_mib(est.peak_bytes_checkpointed)} with gradient checkpointing)"
-    )
-    table.add_row("this run", _mib(chosen) + (" (gradient checkpointing on)" if cfg.gradient_checkpointing else ""))
-    if not torch.cuda.is_available():
-        table.caption = (
-            "Live tensors. On CPU, glibc's malloc keeps freed buffers in the heap: the resident set measured "
-            "1.2x (SmolLM2) to 2.2x (tiny models) this; see bench/memory.py."
-        )
-    return table
 
 
 def _data_num_labels(cfg: Any) -> int | None:
@@ -318,6 +271,5 @@ def _data_num_labels(cfg: Any) -> int | None:
     if cfg.data is None or not Path(cfg.data).exists():
         return None
     from .data import read_rows
-    from .loop import data_spec
 
-    return read_rows(data_spec(cfg, cfg.data, cfg.split, cfg.limit), task=cfg.task).num_labels
+    return read_rows(cfg.data_spec("train"), task=cfg.task).num_labels

@@ -1,0 +1,53 @@
+"""Reading the base layers LoRA wraps: their type, shape and weight, whatever their storage.
+
+`nn.Linear` stores its weight (out, in); transformers' `Conv1D` (GPT-2) stores it (in, out); bitsandbytes'
+`Linear8bitLt` holds int8 rows with a float scale per row.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import LorakitError
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2): a linear layer whose weight is stored transposed, (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """A bitsandbytes 8-bit (or other integer) base layer: usable, but not mergeable in place."""
+    weight = getattr(module, "weight", None)
+    return type(module).__module__.startswith("bitsandbytes") or (
+        weight is not None and not torch.is_floating_point(weight)
+    )
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """What a LoRA layer can wrap."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def base_shape(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a linear-like module, read from its type."""
+    if is_conv1d(module):
+        in_features, out_features = module.weight.shape  # Conv1D stores (in, out)
+        return int(in_features), int(out_features)
+    return int(module.in_features), int(module.out_features)
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """The base weight as a float (out, in) tensor; 8-bit weights are dequantized."""
+    weight = module.weight
+    if is_conv1d(module):
+        return weight.detach().T
+    if torch.is_floating_point(weight):
+        return weight.detach()
+    scb = getattr(weight, "SCB", None)
+    if scb is None:
+        scb = getattr(getattr(module, "state", None), "SCB", None)
+    if scb is None:
+        raise LorakitError(f"cannot read the quantized weight of {type(module).__name__} (no SCB scales)")
+    return weight.detach().float() * (scb.float().unsqueeze(1) / 127.0)  # row-wise absmax int8

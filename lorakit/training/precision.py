@@ -1,0 +1,42 @@
+"""Mixed precision: the frozen base computes in fp32, bf16 or fp16; what trains is always fp32.
+
+- The base is loaded in the compute dtype (or 8 bits) and runs under autocast for bf16 / fp16.
+- LoRA's A and B, and a new task head, are fp32 master weights in every precision: AdamW's small updates are not
+  rounded away in bf16, and fp16's gradient scaler (which refuses fp16 gradients) unscales fp32 gradients.
+- fp16 gradients are scaled (`torch.amp.GradScaler`) so that small ones do not underflow; a step whose gradients
+  overflow is skipped by the scaler. A base whose activations overflow fp16 gives a non-finite loss, which stops
+  the run with a message that suggests bf16 or fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+Autocast = Callable[[], contextlib.AbstractContextManager]
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_for(precision: str, device: torch.device) -> Autocast:
+    """A context-manager factory for the compute precision (fp32: no autocast)."""
+    if precision not in AUTOCAST_DTYPES:
+        return contextlib.nullcontext
+    dtype = AUTOCAST_DTYPES[precision]
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def fp32_master_weights(params: list[nn.Parameter]) -> None:
+    """Keep every trained parameter in fp32 (a new head loaded with a bf16/fp16 base comes in that dtype)."""
+    with torch.no_grad():
+        for p in params:
+            if p.dtype != torch.float32:
+                p.data = p.data.float()
+
+
+def gradient_scaler(precision: str, device: torch.device) -> Any:
+    """fp16: a gradient scaler; otherwise a disabled one (its calls pass gradients through)."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
