@@ -285,6 +285,36 @@ def test_hub_dataset_that_cannot_be_loaded_is_one_line(tmp_path, monkeypatch):
         ("d.json", '[{"text": "w1"}, 3]', r"d\.json row 2: expected a JSON object, got number$"),
         ("d.txt", "w1 w2\n", r"d\.txt: unsupported file type '\.txt'; expected \.jsonl, \.json, \.csv or \.parquet$"),
         ("d.parquet", "not parquet", r"d\.parquet: not a readable parquet file"),
+        # hostile input: still one line, never a traceback
+        ("d.jsonl", '{"text": "w1"}\n' + "[" * 100_000 + "\n", r"d\.jsonl:2: invalid JSON \(nested too deeply"),
+        ("d.json", '[{"text": "w1"},\n' + "[" * 100_000, r"d\.json:2: invalid JSON \(nested too deeply at column"),
+        ("d.json", '{"a": ' * 100_000, r"d\.json:1: invalid JSON \(nested too deeply"),  # JSON lines under .json
+        ("d.jsonl", '{"text": "w1", "n": ' + "9" * 5000 + "}", r"d\.jsonl:1: invalid JSON \(a number with more than"),
+        ("d.jsonl", '{"text": "w1"}\n{"text": "w2\\ud800"}\n', r"d\.jsonl:2: 'text' holds a lone surrogate \\ud800 at"),
+        ("d.jsonl", '{"prompt": "w1", "completion": "\\udc00"}', r"d\.jsonl:1: 'completion' holds a lone surrogate"),
+        (
+            "d.jsonl",
+            '{"messages": [{"role": "user", "content": "w1\\ud800"}]}',
+            r"d\.jsonl:1: messages\[0\]\.content holds a lone surrogate \\ud800 at character 2;",
+        ),
+        (
+            "d.jsonl",
+            '{"messages": [{"role": 1, "content": "w1"}]}',
+            r"d\.jsonl:1: messages\[0\] must be .* got \{\"role\": 1",
+        ),
+        (
+            "d.json",
+            '[{"text": "w1"}, {"text": "w2"}, [{"text": "w3"}]]',
+            r"d\.json row 3: expected a JSON object, got array$",
+        ),
+        ("d.csv", "text\nw1\x00w2\n", r"d\.csv:2: NUL byte at offset 7 \(UTF-16 or binary\?\)"),
+        ("d.jsonl", '{"text": "w1"}\n'.encode("utf-16-le"), r"d\.jsonl:1: NUL byte at offset 1"),
+        (
+            "d.csv",
+            "text\nw1\n".encode("utf-16"),
+            r"d\.csv:1: not UTF-8 text \(byte 0xff at offset 0, a UTF-16 byte-order",
+        ),
+        ("d.csv", '"x\ny"\nw1\n', r"d\.csv:3: cannot tell the row format from its keys \(found: x\\ny\);"),
     ],
 )
 def test_bad_files_give_one_line_naming_the_place(tmp_path, name, content, expected):
@@ -315,6 +345,47 @@ def test_bad_labels(tmp_path):
         path = write_jsonl(tmp_path / "c.jsonl", [{"text": "w1", "label": 1}, {"text": "w2", "label": label}])
         with pytest.raises(LorakitError, match=rf"c\.jsonl:2: .*{expected}"):
             read_rows(DataSpec(str(path)), task="classification")
+
+
+def test_classification_drops_blank_texts_that_tokenize_to_special_tokens(tmp_path):
+    from tokenizers import processors
+
+    tok = tiny_tokenizer()  # as BERT: [CLS] text [SEP], so a blank text is not zero tokens
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", 1), ("</s>", 2)]
+    )
+    path = write_jsonl(tmp_path / "c.jsonl", [{"text": " ", "label": 0}, {"text": "w1", "label": 1}])
+    spec = DataSpec(str(path))
+    data = encode(read_rows(spec, task="classification"), tok, 8, spec)
+    assert [e.row for e in data.examples] == [1] and data.drop_reasons == {"empty text": 1}
+
+
+def test_blank_texts_are_dropped_with_a_reason(tmp_path, tok):
+    _, data = load(write_jsonl(tmp_path / "d.jsonl", [{"text": ""}, {"text": " \t"}, {"text": "w1"}]), tok)
+    assert [e.row for e in data.examples] == [2] and data.drop_reasons == {"empty text": 2}
+
+
+def test_csv_fields_over_the_csv_module_limit_and_a_bom(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("\ufefftext\n" + '"' + "w1 " * 100_000 + '"\n', encoding="utf-8")  # csv's default: 131,072
+    assert read_rows(DataSpec(str(path))).rows == [{"text": "w1 " * 100_000}]  # the BOM is not part of the header
+
+
+def test_columns_python_cannot_hold_are_one_line(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets import Dataset
+
+    path = tmp_path / "d.parquet"
+    struct = pa.StructArray.from_arrays([pa.array([1]), pa.array([2])], names=["a", "a"])
+    pq.write_table(pa.table({"text": ["w1"], "meta": struct}), path)
+    with pytest.raises(LorakitError, match=r"d\.parquet: cannot read column 'meta' \(.*duplicate field names"):
+        read_rows(DataSpec(str(path)))
+    when = pa.array([0], type=pa.timestamp("s", tz="Mars/Olympus"))  # a time zone pyarrow cannot resolve
+    Dataset(pa.table({"text": ["w1"], "when": when})).save_to_disk(str(tmp_path / "saved"))
+    with pytest.raises(LorakitError, match=r"saved: cannot read its rows \(") as e:
+        read_rows(DataSpec(str(tmp_path / "saved")))
+    assert "\n" not in str(e.value)
 
 
 def test_missing_file_and_bad_template(tmp_path):

@@ -19,6 +19,7 @@ import io
 import json
 import re
 import string
+import sys
 from array import array
 from collections import Counter
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ FILE_TYPES = (".jsonl", ".json", ".csv", ".parquet")
 # Suffixes that mark a missing path as a file rather than a hub name (hub names may hold dots: `OpenHermes-2.5`).
 _FILE_LIKE = {*FILE_TYPES, ".txt", ".tsv", ".arrow", ".gz", ".zip", ".xz", ".bz2", ".zst"}
 _JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+_SURROGATE = re.compile("[\ud800-\udfff]")  # only JSON escapes (`"\ud800"`) make these; no tokenizer takes them
 
 
 @dataclass
@@ -181,7 +183,7 @@ def _read_file(path: Path, name: str, limit: int | None) -> tuple[list[dict], li
 
 
 def _read_text(path: Path, name: str) -> str:
-    """The file as text; a file that is not UTF-8 is an error naming the first bad byte."""
+    """The file as text; a file that is not UTF-8, or holds NUL bytes, is an error naming the first bad byte."""
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -190,9 +192,15 @@ def _read_text(path: Path, name: str) -> str:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
+        utf16 = ", a UTF-16 byte-order mark" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
         raise LorakitError(
-            f"{name}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); save the file as UTF-8"
+            f"{name}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}{utf16}); "
+            "save the file as UTF-8"
         ) from None
+    nul = data.find(b"\0")
+    if nul >= 0:  # UTF-16 without a byte-order mark decodes as UTF-8 with a NUL after every ASCII character
+        line = data.count(b"\n", 0, nul) + 1
+        raise LorakitError(f"{name}:{line}: NUL byte at offset {nul} (UTF-16 or binary?); save the file as UTF-8")
     return text.removeprefix("\ufeff")  # a byte-order mark (Excel's UTF-8) is not part of the first field
 
 
@@ -202,10 +210,7 @@ def _parse_jsonl(text: str, name: str, limit: int | None) -> tuple[list[dict], l
     for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LorakitError(f"{name}:{number}: invalid JSON ({e.msg} at column {e.colno})") from None
+        value = _loads(line, name, number)
         if not isinstance(value, dict):
             raise LorakitError(f"{name}:{number}: expected a JSON object, got {_type_name(value)}")
         rows.append(value)
@@ -223,15 +228,12 @@ def _parse_json(text: str, name: str, limit: int | None) -> tuple[list[dict], li
         except LorakitError:
             whole = _try_json(text)
             if isinstance(whole, dict):  # one pretty-printed object
-                keys = ", ".join(list(whole)[:8])
+                keys = _names(list(whole)[:8])
                 raise LorakitError(
                     f"{name}: expected a JSON array of objects or one object per line, got one object (keys: {keys})"
                 ) from None
             raise
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise LorakitError(f"{name}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    value = _loads(text, name)
     rows = value[:limit] if limit is not None else value
     for i, item in enumerate(rows):
         if not isinstance(item, dict):
@@ -242,12 +244,43 @@ def _parse_json(text: str, name: str, limit: int | None) -> tuple[list[dict], li
 def _try_json(text: str) -> Any:
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         return None
+
+
+def _loads(text: str, name: str, line: int | None = None) -> Any:
+    """json.loads; any failure is one error naming the line (`line` when text is that one line) and column."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        problem, pos = e.msg, e.pos
+    except RecursionError:  # e.g. a line of 100,000 `[`: deeper than the parser's recursion allows
+        problem, pos = "nested too deeply", _deepest(text)
+    except ValueError:  # an integer longer than Python converts (sys.get_int_max_str_digits)
+        digits = sys.get_int_max_str_digits()
+        number = re.search(f"[0-9]{{{digits + 1}}}", text)
+        problem, pos = f"a number with more than {digits} digits", number.start() if number else 0
+    at = json.JSONDecodeError(problem, text, pos)  # for its line and column
+    raise LorakitError(f"{name}:{line or at.lineno}: invalid JSON ({problem} at column {at.colno})") from None
+
+
+def _deepest(text: str) -> int:
+    """The offset of the most deeply nested `[` or `{` in JSON text (strings skipped)."""
+    depth = deepest = pos = 0
+    for m in re.finditer(r'"(?:[^"\\]|\\.)*"|[\[{\]}]', text):
+        if m[0] in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest, pos = depth, m.start()
+        elif m[0] in "]}":
+            depth -= 1
+    return pos
 
 
 def _parse_csv(text: str, name: str, limit: int | None) -> tuple[list[dict], list[int]]:
     """Rows keyed by the header; line numbers count the header as line 1 (a quoted field may span lines)."""
+    # csv refuses fields over 131,072 characters by default; a long document is data, not an error.
+    csv.field_size_limit(max(csv.field_size_limit(), min(len(text), 2**31 - 1)))
     reader = csv.reader(io.StringIO(text, newline=""))
     rows, lines = [], []
     try:
@@ -283,7 +316,15 @@ def _read_parquet(path: Path, name: str, limit: int | None) -> list[dict]:
         raise LorakitError(f"{name}: not a readable parquet file ({_first_line(e)})") from None
     if limit is not None:
         table = table.slice(0, limit)
-    return table.to_pylist()
+    rows: list[dict] = [{} for _ in range(table.num_rows)]
+    for column in table.column_names:
+        try:
+            values = table.column(column).to_pylist()
+        except Exception as e:  # e.g. a struct with duplicate field names, an unknown time zone
+            raise LorakitError(f"{name}: cannot read column {column!r} ({_first_line(e)})") from None
+        for row, value in zip(rows, values):
+            row[column] = value
+    return rows
 
 
 def _read_folder(path: Path, spec: DataSpec) -> list[dict]:
@@ -300,7 +341,7 @@ def _read_folder(path: Path, spec: DataSpec) -> list[dict]:
         if spec.split not in ds:
             raise LorakitError(f"{spec.source}: no split {spec.split!r}; splits here: {', '.join(ds)}")
         ds = ds[spec.split]
-    return _dataset_rows(ds, spec.limit)
+    return _dataset_rows(ds, spec)
 
 
 def _read_hub(spec: DataSpec, attempt: str = "not a file or folder, and loading it as a hub dataset") -> list[dict]:
@@ -314,13 +355,16 @@ def _read_hub(spec: DataSpec, attempt: str = "not a file or folder, and loading 
         raise LorakitError(
             f"{spec.source}: {attempt} (split {spec.split!r}{config}) failed: {_first_line(e)}"
         ) from None
-    return _dataset_rows(ds, spec.limit)
+    return _dataset_rows(ds, spec)
 
 
-def _dataset_rows(ds: Any, limit: int | None) -> list[dict]:
-    if limit is not None:
-        ds = ds.select(range(min(limit, len(ds))))
-    return ds.to_list()
+def _dataset_rows(ds: Any, spec: DataSpec) -> list[dict]:
+    if spec.limit is not None:
+        ds = ds.select(range(min(spec.limit, len(ds))))
+    try:
+        return ds.to_list()
+    except Exception as e:  # pyarrow: e.g. a time zone it cannot resolve, a struct with duplicate field names
+        raise LorakitError(f"{spec.source}: cannot read its rows ({_first_line(e)})") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -403,6 +447,18 @@ def _check_rows(rows: Rows, needs: list[tuple[str, str]]) -> None:
                 raise LorakitError(f"{rows.where(i)}: {name!r} must be an integer or a string, got {_type_name(value)}")
             if kind == "messages":
                 _check_messages(value, name, rows.where(i))
+            elif isinstance(value, str):
+                _check_unicode(value, repr(name), rows.where(i))
+
+
+def _check_unicode(text: str, field: str, where: str) -> None:
+    """Refuse a lone surrogate (a broken JSON `\\u` escape): tokenizers and UTF-8 files cannot take it."""
+    bad = _SURROGATE.search(text)
+    if bad:
+        raise LorakitError(
+            f"{where}: {field} holds a lone surrogate \\u{ord(bad[0]):04x} at character {bad.start()}; "
+            "expected valid Unicode text"
+        )
 
 
 def _check_messages(value: Any, name: str, where: str) -> None:
@@ -412,9 +468,10 @@ def _check_messages(value: Any, name: str, where: str) -> None:
     for j, message in enumerate(value):
         ok = isinstance(message, dict) and isinstance(message.get("role"), str)
         if not ok or not isinstance(message.get("content"), str):
-            shown = json.dumps(message, ensure_ascii=False, default=str)
-            shown = shown if len(shown) <= 60 else shown[:57] + "..."
-            raise LorakitError(f"{where}: {name}[{j}] must be an object with string 'role' and 'content', got {shown}")
+            got = _shown(message)
+            raise LorakitError(f"{where}: {name}[{j}] must be an object with string 'role' and 'content', got {got}")
+        for key in ("role", "content"):
+            _check_unicode(message[key], f"{name}[{j}].{key}", where)
 
 
 def _map_labels(rows: Rows, name: str, known: list[str] | None) -> None:
@@ -617,7 +674,7 @@ def _encode_classification(rows: Rows, tokenizer: Any, max_length: int, spec: Da
     names = {name: i for i, name in enumerate(rows.label_names or [])}
     examples, reasons = [], Counter()
     for i, (row, ids) in enumerate(zip(rows.rows, ids_list)):
-        if not ids:
+        if not ids or not texts[i].strip():  # a blank text may still get special tokens ([CLS] [SEP])
             reasons["empty text"] += 1
             continue
         label = row[spec.label_field]
@@ -734,7 +791,22 @@ def _type_name(value: Any) -> str:
 
 
 def _keys(row: dict) -> str:
-    return ", ".join(map(str, row)) or "no keys"
+    return _names(row) or "no keys"
+
+
+def _names(items: Any, width: int = 200) -> str:
+    """`a, b, c` on one line: control characters and lone surrogates escaped, cut to width characters."""
+    return _cut(", ".join(repr(str(item))[1:-1] for item in items), width)
+
+
+def _shown(value: Any, width: int = 60) -> str:
+    """A value as one line of JSON (lone surrogates escaped), cut to width characters."""
+    text = json.dumps(value, ensure_ascii=False, default=str).encode("utf-8", "backslashreplace").decode()
+    return _cut(text, width)
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def _first_line(error: BaseException) -> str:
