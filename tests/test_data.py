@@ -347,6 +347,55 @@ def test_bad_labels(tmp_path):
             read_rows(DataSpec(str(path)), task="classification")
 
 
+def read_labels(tmp_path, *values, **kwargs):
+    path = write_jsonl(tmp_path / "c.jsonl", [{"text": f"w{i + 1}", "label": v} for i, v in enumerate(values)])
+    return read_rows(DataSpec(str(path)), task="classification", **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ((1.0, 0), r"c\.jsonl:1: 'label' must be an integer or a string, got number 1\.0$"),
+        ((None, 0), r"c\.jsonl:1: 'label' must be an integer or a string, got null$"),
+        (
+            ("pos", 1),
+            r"c\.jsonl:2: label 1 is a class id but .*c\.jsonl:1 has label name 'pos'; use class ids or label",
+        ),
+        ((1, "0", "pos"), r"c\.jsonl:3: label 'pos' is a label name but .*c\.jsonl:1 has class id 1;"),
+        ((0, 1, "w\ud800"), r"c\.jsonl:3: 'label' holds a lone surrogate \\ud800 at character 1"),
+        ((0, 1, 10**4000), r"c\.jsonl:3: label 10{36}\.\.\. is too large for a class id$"),
+    ],
+)
+def test_bad_label_kinds_name_the_row(tmp_path, values, expected):
+    with pytest.raises(LorakitError, match=expected) as e:
+        read_labels(tmp_path, *values)
+    assert "\n" not in str(e.value)
+
+
+def test_class_count_must_be_plausible_or_given(tmp_path):
+    message = r"c\.jsonl:3: label 1000000 implies 1,000,001 classes but the data has 2 distinct labels; use class ids"
+    with pytest.raises(LorakitError, match=message + r" 0\.\.N-1 or pass --num-labels N$"):
+        read_labels(tmp_path, 0, 0, 1_000_000)
+    assert read_labels(tmp_path, 0, 2).num_labels == 3  # one class unseen is plausible
+    assert read_labels(tmp_path, 0, 1_000_000, num_labels=1_000_001).num_labels == 1_000_001
+    assert read_labels(tmp_path, 1, 1, num_labels=4).num_labels == 4  # evaluation data may hold one class
+    with pytest.raises(LorakitError, match=r"c\.jsonl:2: label 7 is out of range; class ids run from 0 to 4$"):
+        read_labels(tmp_path, 0, 7, num_labels=5)
+    with pytest.raises(LorakitError, match=r"c\.jsonl: 2 label names \(neg, pos\) but --num-labels 3$"):
+        read_labels(tmp_path, "pos", "neg", num_labels=3)
+    with pytest.raises(LorakitError, match="--num-labels must be at least 2, got 1"):
+        read_labels(tmp_path, 0, 1, num_labels=1)
+
+
+def test_csv_labels_that_int_cannot_read(tmp_path):
+    path = tmp_path / "c.csv"
+    path.write_text("text,label\nw1,0\nw2,1\nw3," + "9" * 5000 + "\n", encoding="utf-8")  # int() stops at 4300 digits
+    with pytest.raises(LorakitError, match=r"c\.csv:4: label 9{37}\.\.\. is too large for a class id$"):
+        read_rows(DataSpec(str(path)), task="classification")
+    path.write_text("text,label\nw1,0\nw2,\u00b2\n", encoding="utf-8")  # "²".isdigit(), but int("²") fails
+    assert read_rows(DataSpec(str(path)), task="classification").label_names == ["0", "\u00b2"]
+
+
 def test_classification_drops_blank_texts_that_tokenize_to_special_tokens(tmp_path):
     from tokenizers import processors
 

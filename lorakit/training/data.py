@@ -38,6 +38,7 @@ FILE_TYPES = (".jsonl", ".json", ".csv", ".parquet")
 _FILE_LIKE = {*FILE_TYPES, ".txt", ".tsv", ".arrow", ".gz", ".zip", ".xz", ".bz2", ".zst"}
 _JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
 _SURROGATE = re.compile("[\ud800-\udfff]")  # only JSON escapes (`"\ud800"`) make these; no tokenizer takes them
+_MAX_CLASSES = 10**9  # a larger integer label is a code, not a class id
 
 
 @dataclass
@@ -122,7 +123,9 @@ class Encoded:
 # Reading rows
 
 
-def read_rows(spec: DataSpec, task: str = "causal-lm", label_names: list[str] | None = None) -> Rows:
+def read_rows(
+    spec: DataSpec, task: str = "causal-lm", label_names: list[str] | None = None, num_labels: int | None = None
+) -> Rows:
     """Load the rows of `spec.source` and check that every row has what its format needs.
 
     Args:
@@ -130,6 +133,9 @@ def read_rows(spec: DataSpec, task: str = "causal-lm", label_names: list[str] | 
         task: `causal-lm` (text, prompt/completion or messages rows) or `classification` (text + label).
         label_names: classification only: the training data's label names, so that evaluation data maps
             string labels to the same ids (unknown labels are an error).
+        num_labels: classification only: the class count (`--num-labels`, or the training data's for
+            evaluation data). Integer labels must lie in [0, num_labels); without it they must be dense
+            (at most twice as many classes as distinct labels), so that a code like 1000000 is not a class id.
 
     Raises:
         LorakitError: naming the file and line (or row) at fault and what was expected.
@@ -143,6 +149,8 @@ def read_rows(spec: DataSpec, task: str = "causal-lm", label_names: list[str] | 
         )
     if spec.limit is not None and spec.limit < 1:
         raise LorakitError(f"data limit must be at least 1, got {spec.limit}")
+    if num_labels is not None and num_labels < 2:
+        raise LorakitError(f"--num-labels must be at least 2, got {num_labels}")
     rows, lines = _load(spec)
     if not rows:
         raise LorakitError(f"{spec.source}: no rows")
@@ -150,7 +158,7 @@ def read_rows(spec: DataSpec, task: str = "causal-lm", label_names: list[str] | 
     result.format = _detect_format(rows[0], spec, task, result.where(0))
     _check_rows(result, _required_fields(spec, result.format))
     if result.format == "classification":
-        _map_labels(result, spec.label_field, label_names)
+        _map_labels(result, spec.label_field, label_names, num_labels)
     return result
 
 
@@ -444,7 +452,8 @@ def _check_rows(rows: Rows, needs: list[tuple[str, str]]) -> None:
             if kind == "value" and not isinstance(value, (str, int, float)):
                 raise LorakitError(f"{rows.where(i)}: {name!r} must be a string or number, got {_type_name(value)}")
             if kind == "label" and not (isinstance(value, (str, int)) and not isinstance(value, bool)):
-                raise LorakitError(f"{rows.where(i)}: {name!r} must be an integer or a string, got {_type_name(value)}")
+                got = f"number {value!r}" if isinstance(value, float) else _type_name(value)
+                raise LorakitError(f"{rows.where(i)}: {name!r} must be an integer or a string, got {got}")
             if kind == "messages":
                 _check_messages(value, name, rows.where(i))
             elif isinstance(value, str):
@@ -474,33 +483,64 @@ def _check_messages(value: Any, name: str, where: str) -> None:
             _check_unicode(message[key], f"{name}[{j}].{key}", where)
 
 
-def _map_labels(rows: Rows, name: str, known: list[str] | None) -> None:
+def _map_labels(rows: Rows, name: str, known: list[str] | None, num_labels: int | None) -> None:
     """Set label_names / num_labels: integer labels are class ids; string labels map to ids in sorted order.
 
     Strings of digits ("0", "1": CSV columns) count as integers and are stored as such.
     """
     values = [row[name] for row in rows.rows]
-    if all(isinstance(v, int) or v.strip().isdigit() for v in values):
-        ids = [int(v) for v in values]
-        count = len(known) if known is not None else max(ids) + 1
+    ids = [_class_id(v) for v in values]  # None: a label name
+    if all(label is not None for label in ids):
+        for i, label in enumerate(ids):
+            if label >= _MAX_CLASSES:
+                shown = _cut(str(values[i]).strip(), 40)
+                raise LorakitError(f"{rows.where(i)}: label {shown} is too large for a class id")
+        count = num_labels or (len(known) if known is not None else max(ids) + 1)
         for i, label in enumerate(ids):
             if not 0 <= label < count:
                 raise LorakitError(
                     f"{rows.where(i)}: label {label} is out of range; class ids run from 0 to {count - 1}"
                 )
-            rows.rows[i][name] = label
+        distinct = len(set(ids))
+        if num_labels is None and known is None and count > max(2, 2 * distinct):
+            raise LorakitError(
+                f"{rows.where(ids.index(count - 1))}: label {count - 1} implies {count:,} classes but the data has "
+                f"{distinct} distinct labels; use class ids 0..N-1 or pass --num-labels N"
+            )
+        for row, label in zip(rows.rows, ids):
+            row[name] = label
         rows.label_names, rows.num_labels = known, count
     else:
+        if any(isinstance(v, int) for v in values):  # JSON numbers next to label names
+            i = next(i for i, label in enumerate(ids) if (label is None) != (ids[0] is None))
+            kinds = ("a class id", "label name") if ids[0] is None else ("a label name", "class id")
+            raise LorakitError(
+                f"{rows.where(i)}: label {values[i]!r} is {kinds[0]} but {rows.where(0)} has {kinds[1]} "
+                f"{values[0]!r}; use class ids or label names, not both"
+            )
         names = known if known is not None else sorted(set(values))
         allowed = set(names)
         for i, v in enumerate(values):
-            if isinstance(v, int):
-                raise LorakitError(f"{rows.where(i)}: label {v} is a number but other labels are strings")
             if v not in allowed:  # only with known names
-                raise LorakitError(f"{rows.where(i)}: unknown label {v!r}; the training data has: {', '.join(names)}")
+                raise LorakitError(f"{rows.where(i)}: unknown label {v!r}; the training data has: {_names(names)}")
+        if num_labels is not None and len(names) != num_labels:
+            raise LorakitError(
+                f"{rows.source}: {len(names)} label names ({_names(names)}) but --num-labels {num_labels}"
+            )
         rows.label_names, rows.num_labels = names, len(names)
-    if known is None and rows.num_labels < 2:
+    if known is None and num_labels is None and rows.num_labels < 2:
         raise LorakitError(f"{rows.source}: classification needs at least 2 classes, found {rows.num_labels}")
+
+
+def _class_id(label: int | str) -> int | None:
+    """An integer label, or a string of digits, as a class id; None for a label name."""
+    if isinstance(label, int):
+        return label
+    digits = label.strip()
+    if not digits.isdecimal():  # not isdigit(): int() refuses "²"
+        return None
+    digits = digits.lstrip("0") or "0"
+    return int(digits) if len(digits) < 12 else _MAX_CLASSES  # int() refuses strings of over 4300 digits
 
 
 # ---------------------------------------------------------------------------------------------------------------
