@@ -1,6 +1,7 @@
 """Data: reading files and datasets, loss masks per format, truncation, padding, batch order, one-line errors."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -435,6 +436,30 @@ def test_columns_python_cannot_hold_are_one_line(tmp_path):
     with pytest.raises(LorakitError, match=r"saved: cannot read its rows \(") as e:
         read_rows(DataSpec(str(tmp_path / "saved")))
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("template", "expected"),
+    [
+        ("{prompt.__class__}", r"\{prompt\.__class__\} reads an attribute or item; name a field, e.g. \{prompt\}$"),
+        ("{eos.__class__.__name__}", r"\{eos\.__class__\.__name__\} reads an attribute or item"),
+        ("{row[0]}", r"\{row\[0\]\} reads an attribute or item"),
+        ("{a.b}", r"\{a\.b\} reads an attribute or item"),
+        ("{prompt:{completion.__class__}}", r"unsupported format ':\{completion\.__class__\}' for \{prompt\}"),
+        ("{prompt:>1000000000}", r"unsupported format ':>1000000000' .*widths below 1000"),
+        ("{prompt!x}", r"unsupported format '!x' for \{prompt\}; expected !r, !s, !a"),
+    ],
+)
+def test_templates_name_plain_fields_only(tmp_path, template, expected):
+    missing = tmp_path / "not-read-yet.jsonl"  # refused up front: before the data is looked at
+    with pytest.raises(LorakitError, match=rf"^prompt template {re.escape(repr(template))}: {expected}"):
+        read_rows(DataSpec(str(missing), prompt_template=template))
+
+
+def test_template_conversions_and_format_specs_are_allowed(tmp_path, tok):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "w1", "completion": "w2", "n": 7}])
+    _, data = load(path, tok, prompt_template="{prompt!s:>4} {n:03d}{eos}", completion_template=" {completion}")
+    assert data.examples[0].input_ids[: len(ids(tok, "  w1 007"))] == ids(tok, "  w1 007")
 
 
 def test_missing_file_and_bad_template(tmp_path):

@@ -47,6 +47,8 @@ class DataSpec:
 
     Templates are `str.format` strings over the row's fields plus `{eos}` and `{bos}` (the tokenizer's
     special token texts; they win over row fields of the same name). Literal braces are doubled: `{{`.
+    Fields are plain names, optionally with a conversion or format spec (`{mr!r}`, `{mr:>10}`); attribute
+    and index access (`{mr.upper}`, `{mr[0]}`) is refused.
     """
 
     source: str  # file path (.jsonl .json .csv .parquet), saved `datasets` folder (save_to_disk), or hub dataset name
@@ -151,6 +153,9 @@ def read_rows(
         raise LorakitError(f"data limit must be at least 1, got {spec.limit}")
     if num_labels is not None and num_labels < 2:
         raise LorakitError(f"--num-labels must be at least 2, got {num_labels}")
+    for template, what in ((spec.prompt_template, "prompt"), (spec.completion_template, "completion")):
+        if template is not None:
+            _template_fields(template, what)  # a bad template is refused before any data loads
     rows, lines = _load(spec)
     if not rows:
         raise LorakitError(f"{spec.source}: no rows")
@@ -424,18 +429,29 @@ def _required_fields(spec: DataSpec, fmt: str) -> list[tuple[str, str]]:
 
 
 def _template_fields(template: str, what: str) -> list[str]:
-    """The row fields a template names (`{mr}`, `{a.b}` -> a), without eos and bos."""
+    """The row fields a template names (`{mr}`), without eos and bos; refuses what is not a plain field."""
     try:
         parts = list(string.Formatter().parse(template))
     except ValueError as e:
         raise LorakitError(f"invalid {what} template {template!r}: {e}") from None
     names = []
-    for _, name, _, _ in parts:
+    for _, name, spec, conversion in parts:
         if name is None:
             continue
         base = re.split(r"[.\[]", name, maxsplit=1)[0]
         if base == "" or base.isdigit():
             raise LorakitError(f"{what} template {template!r} has a positional field {{{name}}}; name a row field")
+        if base != name:  # str.format would read attributes (`{x.__class__}`) and items of the value
+            raise LorakitError(
+                f"{what} template {template!r}: {{{name}}} reads an attribute or item; name a field, e.g. {{{base}}}"
+            )
+        # Nested fields (`{x:{y}}`) are fields too; a width of 1000 or more only makes huge strings.
+        if conversion not in (None, "r", "s", "a") or "{" in spec or re.search("[0-9]{4}", spec):
+            shown = (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
+            raise LorakitError(
+                f"{what} template {template!r}: unsupported format {shown!r} for {{{name}}}; expected !r, !s, !a "
+                "or a format spec like :>10 (no nested fields, widths below 1000)"
+            )
         if base not in ("eos", "bos") and base not in names:
             names.append(base)
     return names
