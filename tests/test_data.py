@@ -165,7 +165,9 @@ def test_truncation_counts_and_drops_rows_without_a_trained_token(tmp_path, tok)
     assert (len(data.examples), data.truncated, data.dropped) == (2, 1, 2)
     assert data.drop_reasons == {"truncated away": 1, "empty completion": 1}
     assert [e.row for e in data.examples] == [0, 1]  # back to the rows, e.g. for references
-    assert max(data.lengths) == 4 and data.examples[1].labels == [IGNORE, *ids(tok, "w2 w3 w4")]
+    lengths = [len(e.input_ids) for e in data.examples]
+    assert max(lengths) == 4 and data.examples[1].labels == [IGNORE, *ids(tok, "w2 w3 w4")]
+    assert not hasattr(data, "lengths")  # batch_order takes lengths explicitly; Encoded keeps no second copy
 
 
 def test_every_row_truncated_away_is_an_error(tmp_path, tok):

@@ -4,7 +4,8 @@ Stands alone: it knows tokenizers (whatever Hugging Face tokenizer is passed in)
 
     rows = read_rows(spec)                          # validate and load, before any model loads
     data = encode(rows, tokenizer, max_length, spec)  # Examples: input_ids + labels (-100: no loss)
-    for indices in batch_order(data.lengths, batch_size, seed, epoch):
+    lengths = [len(e.input_ids) for e in data.examples]
+    for indices in batch_order(lengths, batch_size, seed, epoch):
         batch = collate([data.examples[i] for i in indices], pad_id)
 
 Labels are aligned with input_ids (the Hugging Face convention): the loss shifts them itself,
@@ -100,11 +101,6 @@ class Encoded:
     drop_reasons: dict[str, int] = field(default_factory=dict)  # e.g. {"truncated away": 3, "empty completion": 1}
     label_names: list[str] | None = None
     num_labels: int | None = None
-
-    @property
-    def lengths(self) -> list[int]:
-        """Token count of each example (what batch_order groups by)."""
-        return [len(e.input_ids) for e in self.examples]
 
     @property
     def num_label_tokens(self) -> int:
