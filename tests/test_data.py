@@ -1,6 +1,7 @@
 """Data: reading files and datasets, loss masks per format, truncation, padding, batch order, one-line errors."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -164,7 +165,9 @@ def test_truncation_counts_and_drops_rows_without_a_trained_token(tmp_path, tok)
     assert (len(data.examples), data.truncated, data.dropped) == (2, 1, 2)
     assert data.drop_reasons == {"truncated away": 1, "empty completion": 1}
     assert [e.row for e in data.examples] == [0, 1]  # back to the rows, e.g. for references
-    assert max(data.lengths) == 4 and data.examples[1].labels == [IGNORE, *ids(tok, "w2 w3 w4")]
+    lengths = [len(e.input_ids) for e in data.examples]
+    assert max(lengths) == 4 and data.examples[1].labels == [IGNORE, *ids(tok, "w2 w3 w4")]
+    assert not hasattr(data, "lengths")  # batch_order takes lengths explicitly; Encoded keeps no second copy
 
 
 def test_every_row_truncated_away_is_an_error(tmp_path, tok):
@@ -285,6 +288,36 @@ def test_hub_dataset_that_cannot_be_loaded_is_one_line(tmp_path, monkeypatch):
         ("d.json", '[{"text": "w1"}, 3]', r"d\.json row 2: expected a JSON object, got number$"),
         ("d.txt", "w1 w2\n", r"d\.txt: unsupported file type '\.txt'; expected \.jsonl, \.json, \.csv or \.parquet$"),
         ("d.parquet", "not parquet", r"d\.parquet: not a readable parquet file"),
+        # hostile input: still one line, never a traceback
+        ("d.jsonl", '{"text": "w1"}\n' + "[" * 100_000 + "\n", r"d\.jsonl:2: invalid JSON \(nested too deeply"),
+        ("d.json", '[{"text": "w1"},\n' + "[" * 100_000, r"d\.json:2: invalid JSON \(nested too deeply at column"),
+        ("d.json", '{"a": ' * 100_000, r"d\.json:1: invalid JSON \(nested too deeply"),  # JSON lines under .json
+        ("d.jsonl", '{"text": "w1", "n": ' + "9" * 5000 + "}", r"d\.jsonl:1: invalid JSON \(a number with more than"),
+        ("d.jsonl", '{"text": "w1"}\n{"text": "w2\\ud800"}\n', r"d\.jsonl:2: 'text' holds a lone surrogate \\ud800 at"),
+        ("d.jsonl", '{"prompt": "w1", "completion": "\\udc00"}', r"d\.jsonl:1: 'completion' holds a lone surrogate"),
+        (
+            "d.jsonl",
+            '{"messages": [{"role": "user", "content": "w1\\ud800"}]}',
+            r"d\.jsonl:1: messages\[0\]\.content holds a lone surrogate \\ud800 at character 2;",
+        ),
+        (
+            "d.jsonl",
+            '{"messages": [{"role": 1, "content": "w1"}]}',
+            r"d\.jsonl:1: messages\[0\] must be .* got \{\"role\": 1",
+        ),
+        (
+            "d.json",
+            '[{"text": "w1"}, {"text": "w2"}, [{"text": "w3"}]]',
+            r"d\.json row 3: expected a JSON object, got array$",
+        ),
+        ("d.csv", "text\nw1\x00w2\n", r"d\.csv:2: NUL byte at offset 7 \(UTF-16 or binary\?\)"),
+        ("d.jsonl", '{"text": "w1"}\n'.encode("utf-16-le"), r"d\.jsonl:1: NUL byte at offset 1"),
+        (
+            "d.csv",
+            "text\nw1\n".encode("utf-16"),
+            r"d\.csv:1: not UTF-8 text \(byte 0xff at offset 0, a UTF-16 byte-order",
+        ),
+        ("d.csv", '"x\ny"\nw1\n', r"d\.csv:3: cannot tell the row format from its keys \(found: x\\ny\);"),
     ],
 )
 def test_bad_files_give_one_line_naming_the_place(tmp_path, name, content, expected):
@@ -315,6 +348,120 @@ def test_bad_labels(tmp_path):
         path = write_jsonl(tmp_path / "c.jsonl", [{"text": "w1", "label": 1}, {"text": "w2", "label": label}])
         with pytest.raises(LorakitError, match=rf"c\.jsonl:2: .*{expected}"):
             read_rows(DataSpec(str(path)), task="classification")
+
+
+def read_labels(tmp_path, *values, **kwargs):
+    path = write_jsonl(tmp_path / "c.jsonl", [{"text": f"w{i + 1}", "label": v} for i, v in enumerate(values)])
+    return read_rows(DataSpec(str(path)), task="classification", **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ((1.0, 0), r"c\.jsonl:1: 'label' must be an integer or a string, got number 1\.0$"),
+        ((None, 0), r"c\.jsonl:1: 'label' must be an integer or a string, got null$"),
+        (
+            ("pos", 1),
+            r"c\.jsonl:2: label 1 is a class id but .*c\.jsonl:1 has label name 'pos'; use class ids or label",
+        ),
+        ((1, "0", "pos"), r"c\.jsonl:3: label 'pos' is a label name but .*c\.jsonl:1 has class id 1;"),
+        ((0, 1, "w\ud800"), r"c\.jsonl:3: 'label' holds a lone surrogate \\ud800 at character 1"),
+        ((0, 1, 10**4000), r"c\.jsonl:3: label 10{36}\.\.\. is too large for a class id$"),
+    ],
+)
+def test_bad_label_kinds_name_the_row(tmp_path, values, expected):
+    with pytest.raises(LorakitError, match=expected) as e:
+        read_labels(tmp_path, *values)
+    assert "\n" not in str(e.value)
+
+
+def test_class_count_must_be_plausible_or_given(tmp_path):
+    message = r"c\.jsonl:3: label 1000000 implies 1,000,001 classes but the data has 2 distinct labels; use class ids"
+    with pytest.raises(LorakitError, match=message + r" 0\.\.N-1 or pass --num-labels N$"):
+        read_labels(tmp_path, 0, 0, 1_000_000)
+    assert read_labels(tmp_path, 0, 2).num_labels == 3  # one class unseen is plausible
+    assert read_labels(tmp_path, 0, 1_000_000, num_labels=1_000_001).num_labels == 1_000_001
+    assert read_labels(tmp_path, 1, 1, num_labels=4).num_labels == 4  # evaluation data may hold one class
+    with pytest.raises(LorakitError, match=r"c\.jsonl:2: label 7 is out of range; class ids run from 0 to 4$"):
+        read_labels(tmp_path, 0, 7, num_labels=5)
+    with pytest.raises(LorakitError, match=r"c\.jsonl: 2 label names \(neg, pos\) but --num-labels 3$"):
+        read_labels(tmp_path, "pos", "neg", num_labels=3)
+    with pytest.raises(LorakitError, match="--num-labels must be at least 2, got 1"):
+        read_labels(tmp_path, 0, 1, num_labels=1)
+
+
+def test_csv_labels_that_int_cannot_read(tmp_path):
+    path = tmp_path / "c.csv"
+    path.write_text("text,label\nw1,0\nw2,1\nw3," + "9" * 5000 + "\n", encoding="utf-8")  # int() stops at 4300 digits
+    with pytest.raises(LorakitError, match=r"c\.csv:4: label 9{37}\.\.\. is too large for a class id$"):
+        read_rows(DataSpec(str(path)), task="classification")
+    path.write_text("text,label\nw1,0\nw2,\u00b2\n", encoding="utf-8")  # "²".isdigit(), but int("²") fails
+    assert read_rows(DataSpec(str(path)), task="classification").label_names == ["0", "\u00b2"]
+
+
+def test_classification_drops_blank_texts_that_tokenize_to_special_tokens(tmp_path):
+    from tokenizers import processors
+
+    tok = tiny_tokenizer()  # as BERT: [CLS] text [SEP], so a blank text is not zero tokens
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", 1), ("</s>", 2)]
+    )
+    path = write_jsonl(tmp_path / "c.jsonl", [{"text": " ", "label": 0}, {"text": "w1", "label": 1}])
+    spec = DataSpec(str(path))
+    data = encode(read_rows(spec, task="classification"), tok, 8, spec)
+    assert [e.row for e in data.examples] == [1] and data.drop_reasons == {"empty text": 1}
+
+
+def test_blank_texts_are_dropped_with_a_reason(tmp_path, tok):
+    _, data = load(write_jsonl(tmp_path / "d.jsonl", [{"text": ""}, {"text": " \t"}, {"text": "w1"}]), tok)
+    assert [e.row for e in data.examples] == [2] and data.drop_reasons == {"empty text": 2}
+
+
+def test_csv_fields_over_the_csv_module_limit_and_a_bom(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("\ufefftext\n" + '"' + "w1 " * 100_000 + '"\n', encoding="utf-8")  # csv's default: 131,072
+    assert read_rows(DataSpec(str(path))).rows == [{"text": "w1 " * 100_000}]  # the BOM is not part of the header
+
+
+def test_columns_python_cannot_hold_are_one_line(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets import Dataset
+
+    path = tmp_path / "d.parquet"
+    struct = pa.StructArray.from_arrays([pa.array([1]), pa.array([2])], names=["a", "a"])
+    pq.write_table(pa.table({"text": ["w1"], "meta": struct}), path)
+    with pytest.raises(LorakitError, match=r"d\.parquet: cannot read column 'meta' \(.*duplicate field names"):
+        read_rows(DataSpec(str(path)))
+    when = pa.array([0], type=pa.timestamp("s", tz="Mars/Olympus"))  # a time zone pyarrow cannot resolve
+    Dataset(pa.table({"text": ["w1"], "when": when})).save_to_disk(str(tmp_path / "saved"))
+    with pytest.raises(LorakitError, match=r"saved: cannot read its rows \(") as e:
+        read_rows(DataSpec(str(tmp_path / "saved")))
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("template", "expected"),
+    [
+        ("{prompt.__class__}", r"\{prompt\.__class__\} reads an attribute or item; name a field, e.g. \{prompt\}$"),
+        ("{eos.__class__.__name__}", r"\{eos\.__class__\.__name__\} reads an attribute or item"),
+        ("{row[0]}", r"\{row\[0\]\} reads an attribute or item"),
+        ("{a.b}", r"\{a\.b\} reads an attribute or item"),
+        ("{prompt:{completion.__class__}}", r"unsupported format ':\{completion\.__class__\}' for \{prompt\}"),
+        ("{prompt:>1000000000}", r"unsupported format ':>1000000000' .*widths below 1000"),
+        ("{prompt!x}", r"unsupported format '!x' for \{prompt\}; expected !r, !s, !a"),
+    ],
+)
+def test_templates_name_plain_fields_only(tmp_path, template, expected):
+    missing = tmp_path / "not-read-yet.jsonl"  # refused up front: before the data is looked at
+    with pytest.raises(LorakitError, match=rf"^prompt template {re.escape(repr(template))}: {expected}"):
+        read_rows(DataSpec(str(missing), prompt_template=template))
+
+
+def test_template_conversions_and_format_specs_are_allowed(tmp_path, tok):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "w1", "completion": "w2", "n": 7}])
+    _, data = load(path, tok, prompt_template="{prompt!s:>4} {n:03d}{eos}", completion_template=" {completion}")
+    assert data.examples[0].input_ids[: len(ids(tok, "  w1 007"))] == ids(tok, "  w1 007")
 
 
 def test_missing_file_and_bad_template(tmp_path):

@@ -4,7 +4,8 @@ Stands alone: it knows tokenizers (whatever Hugging Face tokenizer is passed in)
 
     rows = read_rows(spec)                          # validate and load, before any model loads
     data = encode(rows, tokenizer, max_length, spec)  # Examples: input_ids + labels (-100: no loss)
-    for indices in batch_order(data.lengths, batch_size, seed, epoch):
+    lengths = [len(e.input_ids) for e in data.examples]
+    for indices in batch_order(lengths, batch_size, seed, epoch):
         batch = collate([data.examples[i] for i in indices], pad_id)
 
 Labels are aligned with input_ids (the Hugging Face convention): the loss shifts them itself,
@@ -19,6 +20,7 @@ import io
 import json
 import re
 import string
+import sys
 from array import array
 from collections import Counter
 from dataclasses import dataclass, field
@@ -36,6 +38,8 @@ FILE_TYPES = (".jsonl", ".json", ".csv", ".parquet")
 # Suffixes that mark a missing path as a file rather than a hub name (hub names may hold dots: `OpenHermes-2.5`).
 _FILE_LIKE = {*FILE_TYPES, ".txt", ".tsv", ".arrow", ".gz", ".zip", ".xz", ".bz2", ".zst"}
 _JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+_SURROGATE = re.compile("[\ud800-\udfff]")  # only JSON escapes (`"\ud800"`) make these; no tokenizer takes them
+_MAX_CLASSES = 10**9  # a larger integer label is a code, not a class id
 
 
 @dataclass
@@ -44,6 +48,8 @@ class DataSpec:
 
     Templates are `str.format` strings over the row's fields plus `{eos}` and `{bos}` (the tokenizer's
     special token texts; they win over row fields of the same name). Literal braces are doubled: `{{`.
+    Fields are plain names, optionally with a conversion or format spec (`{mr!r}`, `{mr:>10}`); attribute
+    and index access (`{mr.upper}`, `{mr[0]}`) is refused.
     """
 
     source: str  # file path (.jsonl .json .csv .parquet), saved `datasets` folder (save_to_disk), or hub dataset name
@@ -97,11 +103,6 @@ class Encoded:
     num_labels: int | None = None
 
     @property
-    def lengths(self) -> list[int]:
-        """Token count of each example (what batch_order groups by)."""
-        return [len(e.input_ids) for e in self.examples]
-
-    @property
     def num_label_tokens(self) -> int:
         """Tokens that carry loss after the causal shift (labels[1:] != -100); classification: one per example."""
         if self.format == "classification":
@@ -120,7 +121,9 @@ class Encoded:
 # Reading rows
 
 
-def read_rows(spec: DataSpec, task: str = "causal-lm", label_names: list[str] | None = None) -> Rows:
+def read_rows(
+    spec: DataSpec, task: str = "causal-lm", label_names: list[str] | None = None, num_labels: int | None = None
+) -> Rows:
     """Load the rows of `spec.source` and check that every row has what its format needs.
 
     Args:
@@ -128,6 +131,9 @@ def read_rows(spec: DataSpec, task: str = "causal-lm", label_names: list[str] | 
         task: `causal-lm` (text, prompt/completion or messages rows) or `classification` (text + label).
         label_names: classification only: the training data's label names, so that evaluation data maps
             string labels to the same ids (unknown labels are an error).
+        num_labels: classification only: the class count (`--num-labels`, or the training data's for
+            evaluation data). Integer labels must lie in [0, num_labels); without it they must be dense
+            (at most twice as many classes as distinct labels), so that a code like 1000000 is not a class id.
 
     Raises:
         LorakitError: naming the file and line (or row) at fault and what was expected.
@@ -141,6 +147,11 @@ def read_rows(spec: DataSpec, task: str = "causal-lm", label_names: list[str] | 
         )
     if spec.limit is not None and spec.limit < 1:
         raise LorakitError(f"data limit must be at least 1, got {spec.limit}")
+    if num_labels is not None and num_labels < 2:
+        raise LorakitError(f"--num-labels must be at least 2, got {num_labels}")
+    for template, what in ((spec.prompt_template, "prompt"), (spec.completion_template, "completion")):
+        if template is not None:
+            _template_fields(template, what)  # a bad template is refused before any data loads
     rows, lines = _load(spec)
     if not rows:
         raise LorakitError(f"{spec.source}: no rows")
@@ -148,7 +159,7 @@ def read_rows(spec: DataSpec, task: str = "causal-lm", label_names: list[str] | 
     result.format = _detect_format(rows[0], spec, task, result.where(0))
     _check_rows(result, _required_fields(spec, result.format))
     if result.format == "classification":
-        _map_labels(result, spec.label_field, label_names)
+        _map_labels(result, spec.label_field, label_names, num_labels)
     return result
 
 
@@ -181,7 +192,7 @@ def _read_file(path: Path, name: str, limit: int | None) -> tuple[list[dict], li
 
 
 def _read_text(path: Path, name: str) -> str:
-    """The file as text; a file that is not UTF-8 is an error naming the first bad byte."""
+    """The file as text; a file that is not UTF-8, or holds NUL bytes, is an error naming the first bad byte."""
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -190,9 +201,15 @@ def _read_text(path: Path, name: str) -> str:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
+        utf16 = ", a UTF-16 byte-order mark" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
         raise LorakitError(
-            f"{name}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); save the file as UTF-8"
+            f"{name}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}{utf16}); "
+            "save the file as UTF-8"
         ) from None
+    nul = data.find(b"\0")
+    if nul >= 0:  # UTF-16 without a byte-order mark decodes as UTF-8 with a NUL after every ASCII character
+        line = data.count(b"\n", 0, nul) + 1
+        raise LorakitError(f"{name}:{line}: NUL byte at offset {nul} (UTF-16 or binary?); save the file as UTF-8")
     return text.removeprefix("\ufeff")  # a byte-order mark (Excel's UTF-8) is not part of the first field
 
 
@@ -202,10 +219,7 @@ def _parse_jsonl(text: str, name: str, limit: int | None) -> tuple[list[dict], l
     for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LorakitError(f"{name}:{number}: invalid JSON ({e.msg} at column {e.colno})") from None
+        value = _loads(line, name, number)
         if not isinstance(value, dict):
             raise LorakitError(f"{name}:{number}: expected a JSON object, got {_type_name(value)}")
         rows.append(value)
@@ -223,15 +237,12 @@ def _parse_json(text: str, name: str, limit: int | None) -> tuple[list[dict], li
         except LorakitError:
             whole = _try_json(text)
             if isinstance(whole, dict):  # one pretty-printed object
-                keys = ", ".join(list(whole)[:8])
+                keys = _names(list(whole)[:8])
                 raise LorakitError(
                     f"{name}: expected a JSON array of objects or one object per line, got one object (keys: {keys})"
                 ) from None
             raise
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise LorakitError(f"{name}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    value = _loads(text, name)
     rows = value[:limit] if limit is not None else value
     for i, item in enumerate(rows):
         if not isinstance(item, dict):
@@ -242,12 +253,43 @@ def _parse_json(text: str, name: str, limit: int | None) -> tuple[list[dict], li
 def _try_json(text: str) -> Any:
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         return None
+
+
+def _loads(text: str, name: str, line: int | None = None) -> Any:
+    """json.loads; any failure is one error naming the line (`line` when text is that one line) and column."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        problem, pos = e.msg, e.pos
+    except RecursionError:  # e.g. a line of 100,000 `[`: deeper than the parser's recursion allows
+        problem, pos = "nested too deeply", _deepest(text)
+    except ValueError:  # an integer longer than Python converts (sys.get_int_max_str_digits)
+        digits = sys.get_int_max_str_digits()
+        number = re.search(f"[0-9]{{{digits + 1}}}", text)
+        problem, pos = f"a number with more than {digits} digits", number.start() if number else 0
+    at = json.JSONDecodeError(problem, text, pos)  # for its line and column
+    raise LorakitError(f"{name}:{line or at.lineno}: invalid JSON ({problem} at column {at.colno})") from None
+
+
+def _deepest(text: str) -> int:
+    """The offset of the most deeply nested `[` or `{` in JSON text (strings skipped)."""
+    depth = deepest = pos = 0
+    for m in re.finditer(r'"(?:[^"\\]|\\.)*"|[\[{\]}]', text):
+        if m[0] in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest, pos = depth, m.start()
+        elif m[0] in "]}":
+            depth -= 1
+    return pos
 
 
 def _parse_csv(text: str, name: str, limit: int | None) -> tuple[list[dict], list[int]]:
     """Rows keyed by the header; line numbers count the header as line 1 (a quoted field may span lines)."""
+    # csv refuses fields over 131,072 characters by default; a long document is data, not an error.
+    csv.field_size_limit(max(csv.field_size_limit(), min(len(text), 2**31 - 1)))
     reader = csv.reader(io.StringIO(text, newline=""))
     rows, lines = [], []
     try:
@@ -283,7 +325,15 @@ def _read_parquet(path: Path, name: str, limit: int | None) -> list[dict]:
         raise LorakitError(f"{name}: not a readable parquet file ({_first_line(e)})") from None
     if limit is not None:
         table = table.slice(0, limit)
-    return table.to_pylist()
+    rows: list[dict] = [{} for _ in range(table.num_rows)]
+    for column in table.column_names:
+        try:
+            values = table.column(column).to_pylist()
+        except Exception as e:  # e.g. a struct with duplicate field names, an unknown time zone
+            raise LorakitError(f"{name}: cannot read column {column!r} ({_first_line(e)})") from None
+        for row, value in zip(rows, values):
+            row[column] = value
+    return rows
 
 
 def _read_folder(path: Path, spec: DataSpec) -> list[dict]:
@@ -300,7 +350,7 @@ def _read_folder(path: Path, spec: DataSpec) -> list[dict]:
         if spec.split not in ds:
             raise LorakitError(f"{spec.source}: no split {spec.split!r}; splits here: {', '.join(ds)}")
         ds = ds[spec.split]
-    return _dataset_rows(ds, spec.limit)
+    return _dataset_rows(ds, spec)
 
 
 def _read_hub(spec: DataSpec, attempt: str = "not a file or folder, and loading it as a hub dataset") -> list[dict]:
@@ -314,13 +364,16 @@ def _read_hub(spec: DataSpec, attempt: str = "not a file or folder, and loading 
         raise LorakitError(
             f"{spec.source}: {attempt} (split {spec.split!r}{config}) failed: {_first_line(e)}"
         ) from None
-    return _dataset_rows(ds, spec.limit)
+    return _dataset_rows(ds, spec)
 
 
-def _dataset_rows(ds: Any, limit: int | None) -> list[dict]:
-    if limit is not None:
-        ds = ds.select(range(min(limit, len(ds))))
-    return ds.to_list()
+def _dataset_rows(ds: Any, spec: DataSpec) -> list[dict]:
+    if spec.limit is not None:
+        ds = ds.select(range(min(spec.limit, len(ds))))
+    try:
+        return ds.to_list()
+    except Exception as e:  # pyarrow: e.g. a time zone it cannot resolve, a struct with duplicate field names
+        raise LorakitError(f"{spec.source}: cannot read its rows ({_first_line(e)})") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -372,18 +425,29 @@ def _required_fields(spec: DataSpec, fmt: str) -> list[tuple[str, str]]:
 
 
 def _template_fields(template: str, what: str) -> list[str]:
-    """The row fields a template names (`{mr}`, `{a.b}` -> a), without eos and bos."""
+    """The row fields a template names (`{mr}`), without eos and bos; refuses what is not a plain field."""
     try:
         parts = list(string.Formatter().parse(template))
     except ValueError as e:
         raise LorakitError(f"invalid {what} template {template!r}: {e}") from None
     names = []
-    for _, name, _, _ in parts:
+    for _, name, spec, conversion in parts:
         if name is None:
             continue
         base = re.split(r"[.\[]", name, maxsplit=1)[0]
         if base == "" or base.isdigit():
             raise LorakitError(f"{what} template {template!r} has a positional field {{{name}}}; name a row field")
+        if base != name:  # str.format would read attributes (`{x.__class__}`) and items of the value
+            raise LorakitError(
+                f"{what} template {template!r}: {{{name}}} reads an attribute or item; name a field, e.g. {{{base}}}"
+            )
+        # Nested fields (`{x:{y}}`) are fields too; a width of 1000 or more only makes huge strings.
+        if conversion not in (None, "r", "s", "a") or "{" in spec or re.search("[0-9]{4}", spec):
+            shown = (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
+            raise LorakitError(
+                f"{what} template {template!r}: unsupported format {shown!r} for {{{name}}}; expected !r, !s, !a "
+                "or a format spec like :>10 (no nested fields, widths below 1000)"
+            )
         if base not in ("eos", "bos") and base not in names:
             names.append(base)
     return names
@@ -400,9 +464,22 @@ def _check_rows(rows: Rows, needs: list[tuple[str, str]]) -> None:
             if kind == "value" and not isinstance(value, (str, int, float)):
                 raise LorakitError(f"{rows.where(i)}: {name!r} must be a string or number, got {_type_name(value)}")
             if kind == "label" and not (isinstance(value, (str, int)) and not isinstance(value, bool)):
-                raise LorakitError(f"{rows.where(i)}: {name!r} must be an integer or a string, got {_type_name(value)}")
+                got = f"number {value!r}" if isinstance(value, float) else _type_name(value)
+                raise LorakitError(f"{rows.where(i)}: {name!r} must be an integer or a string, got {got}")
             if kind == "messages":
                 _check_messages(value, name, rows.where(i))
+            elif isinstance(value, str):
+                _check_unicode(value, repr(name), rows.where(i))
+
+
+def _check_unicode(text: str, field: str, where: str) -> None:
+    """Refuse a lone surrogate (a broken JSON `\\u` escape): tokenizers and UTF-8 files cannot take it."""
+    bad = _SURROGATE.search(text)
+    if bad:
+        raise LorakitError(
+            f"{where}: {field} holds a lone surrogate \\u{ord(bad[0]):04x} at character {bad.start()}; "
+            "expected valid Unicode text"
+        )
 
 
 def _check_messages(value: Any, name: str, where: str) -> None:
@@ -412,38 +489,70 @@ def _check_messages(value: Any, name: str, where: str) -> None:
     for j, message in enumerate(value):
         ok = isinstance(message, dict) and isinstance(message.get("role"), str)
         if not ok or not isinstance(message.get("content"), str):
-            shown = json.dumps(message, ensure_ascii=False, default=str)
-            shown = shown if len(shown) <= 60 else shown[:57] + "..."
-            raise LorakitError(f"{where}: {name}[{j}] must be an object with string 'role' and 'content', got {shown}")
+            got = _shown(message)
+            raise LorakitError(f"{where}: {name}[{j}] must be an object with string 'role' and 'content', got {got}")
+        for key in ("role", "content"):
+            _check_unicode(message[key], f"{name}[{j}].{key}", where)
 
 
-def _map_labels(rows: Rows, name: str, known: list[str] | None) -> None:
+def _map_labels(rows: Rows, name: str, known: list[str] | None, num_labels: int | None) -> None:
     """Set label_names / num_labels: integer labels are class ids; string labels map to ids in sorted order.
 
     Strings of digits ("0", "1": CSV columns) count as integers and are stored as such.
     """
     values = [row[name] for row in rows.rows]
-    if all(isinstance(v, int) or v.strip().isdigit() for v in values):
-        ids = [int(v) for v in values]
-        count = len(known) if known is not None else max(ids) + 1
+    ids = [_class_id(v) for v in values]  # None: a label name
+    if all(label is not None for label in ids):
+        for i, label in enumerate(ids):
+            if label >= _MAX_CLASSES:
+                shown = _cut(str(values[i]).strip(), 40)
+                raise LorakitError(f"{rows.where(i)}: label {shown} is too large for a class id")
+        count = num_labels or (len(known) if known is not None else max(ids) + 1)
         for i, label in enumerate(ids):
             if not 0 <= label < count:
                 raise LorakitError(
                     f"{rows.where(i)}: label {label} is out of range; class ids run from 0 to {count - 1}"
                 )
-            rows.rows[i][name] = label
+        distinct = len(set(ids))
+        if num_labels is None and known is None and count > max(2, 2 * distinct):
+            raise LorakitError(
+                f"{rows.where(ids.index(count - 1))}: label {count - 1} implies {count:,} classes but the data has "
+                f"{distinct} distinct labels; use class ids 0..N-1 or pass --num-labels N"
+            )
+        for row, label in zip(rows.rows, ids):
+            row[name] = label
         rows.label_names, rows.num_labels = known, count
     else:
+        if any(isinstance(v, int) for v in values):  # JSON numbers next to label names
+            i = next(i for i, label in enumerate(ids) if (label is None) != (ids[0] is None))
+            kinds = ("a class id", "label name") if ids[0] is None else ("a label name", "class id")
+            raise LorakitError(
+                f"{rows.where(i)}: label {values[i]!r} is {kinds[0]} but {rows.where(0)} has {kinds[1]} "
+                f"{values[0]!r}; use class ids or label names, not both"
+            )
         names = known if known is not None else sorted(set(values))
         allowed = set(names)
         for i, v in enumerate(values):
-            if isinstance(v, int):
-                raise LorakitError(f"{rows.where(i)}: label {v} is a number but other labels are strings")
             if v not in allowed:  # only with known names
-                raise LorakitError(f"{rows.where(i)}: unknown label {v!r}; the training data has: {', '.join(names)}")
+                raise LorakitError(f"{rows.where(i)}: unknown label {v!r}; the training data has: {_names(names)}")
+        if num_labels is not None and len(names) != num_labels:
+            raise LorakitError(
+                f"{rows.source}: {len(names)} label names ({_names(names)}) but --num-labels {num_labels}"
+            )
         rows.label_names, rows.num_labels = names, len(names)
-    if known is None and rows.num_labels < 2:
+    if known is None and num_labels is None and rows.num_labels < 2:
         raise LorakitError(f"{rows.source}: classification needs at least 2 classes, found {rows.num_labels}")
+
+
+def _class_id(label: int | str) -> int | None:
+    """An integer label, or a string of digits, as a class id; None for a label name."""
+    if isinstance(label, int):
+        return label
+    digits = label.strip()
+    if not digits.isdecimal():  # not isdigit(): int() refuses "²"
+        return None
+    digits = digits.lstrip("0") or "0"
+    return int(digits) if len(digits) < 12 else _MAX_CLASSES  # int() refuses strings of over 4300 digits
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -617,7 +726,7 @@ def _encode_classification(rows: Rows, tokenizer: Any, max_length: int, spec: Da
     names = {name: i for i, name in enumerate(rows.label_names or [])}
     examples, reasons = [], Counter()
     for i, (row, ids) in enumerate(zip(rows.rows, ids_list)):
-        if not ids:
+        if not ids or not texts[i].strip():  # a blank text may still get special tokens ([CLS] [SEP])
             reasons["empty text"] += 1
             continue
         label = row[spec.label_field]
@@ -739,7 +848,22 @@ def _type_name(value: Any) -> str:
 
 
 def _keys(row: dict) -> str:
-    return ", ".join(map(str, row)) or "no keys"
+    return _names(row) or "no keys"
+
+
+def _names(items: Any, width: int = 200) -> str:
+    """`a, b, c` on one line: control characters and lone surrogates escaped, cut to width characters."""
+    return _cut(", ".join(repr(str(item))[1:-1] for item in items), width)
+
+
+def _shown(value: Any, width: int = 60) -> str:
+    """A value as one line of JSON (lone surrogates escaped), cut to width characters."""
+    text = json.dumps(value, ensure_ascii=False, default=str).encode("utf-8", "backslashreplace").decode()
+    return _cut(text, width)
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def _first_line(error: BaseException) -> str:
