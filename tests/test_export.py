@@ -420,3 +420,183 @@ def test_cli_import_error_is_one_line(tmp_path):
     assert result.stderr.startswith("error: ") and "use_dora" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert "Traceback" not in result.output
+
+
+# ---------------------------------------------------------------- crafted files
+
+
+def tampered(path: Path, out: Path, **module_changes) -> Path:
+    """A copy of a lorakit adapter with every module record changed."""
+    original = read_adapter(path)
+    modules = [{**m, **module_changes} for m in json.loads(original.metadata["modules"])]
+    save_file(original.tensors, out, metadata={**original.metadata, "modules": json.dumps(modules)})
+    return out
+
+
+@pytest.mark.parametrize(
+    "alpha, message",
+    [
+        (float("nan"), "alpha is nan, expected a finite number > 0"),
+        (float("inf"), "alpha is inf, expected a finite number > 0"),
+        (0, "alpha is 0, expected a finite number > 0"),
+        (1.7e308, "alpha 1.7e+308 is too large to export"),  # finite, but k * alpha for k slices is not
+    ],
+)
+def test_export_refuses_bad_alpha_and_writes_nothing(bases, tmp_path, alpha, message):
+    lorakit_adapter(bases["gpt2"], "q,v", tmp_path / "a.safetensors")
+    bad = tampered(tmp_path / "a.safetensors", tmp_path / "bad.safetensors", alpha=alpha)
+    with pytest.raises(LorakitError) as e:
+        export_peft(bad, tmp_path / "peft")
+    assert str(e.value).startswith(f"{bad}: ") and "module transformer.h.0.attn.c_attn: " in str(e.value)
+    assert message in str(e.value)
+    assert not (tmp_path / "peft").exists()
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (dict(lora_alpha=NAN), f"lora_alpha for {Q0} is nan, expected a finite number > 0"),
+        (dict(lora_alpha=INF), f"lora_alpha for {Q0} is inf, expected a finite number > 0"),
+        (dict(lora_alpha=-INF), f"lora_alpha for {Q0} is -inf, expected a finite number > 0"),
+        (dict(lora_alpha=0), f"lora_alpha for {Q0} is 0, expected a finite number > 0"),
+        (dict(lora_alpha=-4), f"lora_alpha for {Q0} is -4, expected a finite number > 0"),
+        (dict(lora_alpha=10**400), f"lora_alpha for {Q0} is 1000000"),
+        (dict(lora_alpha="4"), f"lora_alpha for {Q0} is '4', expected a finite number > 0"),
+        (dict(alpha_pattern={"q_proj": NAN}), f"lora_alpha for {Q0} is nan, expected a finite number > 0"),
+        (dict(r=0), f"r for {Q0} is 0, expected an integer >= 1"),
+        (dict(r=NAN), f"r for {Q0} is nan, expected an integer >= 1"),
+        (dict(r=INF), f"r for {Q0} is inf, expected an integer >= 1"),
+        (dict(r=-2), f"r for {Q0} is -2, expected an integer >= 1"),
+        (dict(r=2.0), f"r for {Q0} is 2.0, expected an integer >= 1"),  # peft builds nn.Linear(in, r): an int
+        (dict(r="2"), f"r for {Q0} is '2', expected an integer >= 1"),
+        (dict(rank_pattern={"q_proj": 0}), f"r for {Q0} is 0, expected an integer >= 1"),
+        (dict(rank_pattern={"q_proj": NAN}), f"r for {Q0} is nan, expected an integer >= 1"),
+        (dict(lora_dropout=NAN), "lora_dropout is nan, expected a number in [0, 1)"),
+        (dict(lora_dropout="x"), "lora_dropout is 'x', expected a number in [0, 1)"),
+        (dict(rank_pattern=[2]), "rank_pattern = [2], expected an object of module patterns"),
+        (dict(auto_mapping=["x"]), "auto_mapping = ['x'], expected an object with a base_model_class name"),
+        (dict(auto_mapping={"base_model_class": 5}), "auto_mapping = {'base_model_class': 5}, expected"),
+        (dict(base_model_name_or_path=5), "base_model_name_or_path = 5, expected a hub id or folder"),
+        (dict(target_modules={"q": 1}), "target_modules = {'q': 1}, expected a list of module names or a regex"),
+        (dict(peft_type="LO\nRA"), r"is a PEFT 'LO\nRA' adapter; only plain LoRA can be imported"),
+        (dict(use_dora=[[[[1] * 100]]]), "use_dora = [[[[1, 1, 1, 1"),
+    ],
+)
+def test_import_refuses_bad_numbers_and_shapes_in_config(tmp_path, config, message):
+    peft_dir = write_peft(tmp_path / "peft", **config)
+    with pytest.raises(LorakitError) as e:
+        import_peft(peft_dir, tmp_path / "a.safetensors", model="unused")  # refused before the base loads
+    assert str(e.value).startswith(f"{peft_dir / 'adapter_config.json'}: ")
+    assert message in str(e.value) and "\n" not in str(e.value) and len(str(e.value)) < 300
+
+
+def test_import_refuses_r_other_than_the_tensors_rank_as_peft_does(bases, tmp_path):
+    peft_dir = write_peft(tmp_path / "peft", bases["llama"], r=4)  # tensors of rank 2
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        peft.PeftModel.from_pretrained(load_base(str(bases["llama"])), peft_dir)
+    with pytest.raises(LorakitError, match=f"r for {Q0} is 4, but its lora_A and lora_B have rank 2"):
+        import_peft(peft_dir, tmp_path / "a.safetensors")
+    write_peft(tmp_path / "peft", bases["llama"], r=4, rank_pattern={"q_proj": 2})  # the pattern decides
+    import_peft(peft_dir, tmp_path / "a.safetensors")
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[" * 100_000 + "]" * 100_000, "JSON nested too deeply; expected a PEFT adapter config"),
+        ('{"a": ' * 100_000 + "1" + "}" * 100_000, "JSON nested too deeply; expected a PEFT adapter config"),
+        ('{"peft_type": "LORA", "r": ' + "9" * 5000 + "}", "invalid JSON (Exceeds the limit"),
+        ("\x00\x01 garbage", "invalid JSON (Expecting value"),
+    ],
+)
+def test_import_refuses_garbage_config_with_one_line(tmp_path, text, message):
+    peft_dir = write_peft(tmp_path / "peft")
+    (peft_dir / "adapter_config.json").write_text(text)
+    with pytest.raises(LorakitError) as e:
+        import_peft(peft_dir, tmp_path / "a.safetensors", model="unused")
+    assert str(e.value).startswith(f"{peft_dir / 'adapter_config.json'}: ") and message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "a, b, message",
+    [
+        (torch.randn(2, 32).to(torch.float8_e4m3fn), torch.randn(32, 2), "lora_A is torch.float8_e4m3fn; expected"),
+        (torch.randn(2, 32), torch.randn(32, 2).to(torch.float8_e5m2), "lora_B is torch.float8_e5m2; expected"),
+        (torch.randn(2, 32).double(), torch.randn(32, 2), "lora_A is torch.float64; expected float32, float16"),
+        (torch.zeros(2, 32, dtype=torch.int8), torch.randn(32, 2), "lora_A is torch.int8; expected float32"),
+        (torch.full((2, 32), INF), torch.randn(32, 2), "lora_A holds NaN or inf values"),
+        (torch.randn(0, 32), torch.randn(32, 0), "expected (r, in) and (out, r), none of them 0"),
+    ],
+)
+def test_import_refuses_bad_tensors(tmp_path, a, b, message):
+    peft_dir = write_peft(tmp_path / "peft", r=a.shape[0], tensors={f"{Q0}.lora_A.weight": a, f"{Q0}.lora_B.weight": b})
+    with pytest.raises(LorakitError) as e:
+        import_peft(peft_dir, tmp_path / "a.safetensors", model="unused")
+    assert str(e.value).startswith(f"{peft_dir / 'adapter_model.safetensors'}: ") and message in str(e.value)
+
+
+def test_import_refuses_fp8_head(tmp_path):
+    tensors = {f"{Q0}.lora_A.weight": torch.randn(2, 32), f"{Q0}.lora_B.weight": torch.randn(32, 2)}
+    tensors["classifier.weight"] = torch.randn(3, 32).to(torch.float8_e4m3fn)
+    peft_dir = write_peft(tmp_path / "peft", tensors=tensors, modules_to_save=["classifier"])
+    with pytest.raises(LorakitError, match="classifier.weight is torch.float8_e4m3fn; expected float32"):
+        import_peft(peft_dir, tmp_path / "a.safetensors", model="unused")
+
+
+def test_cli_import_of_nan_alpha_is_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from lorakit.cli import app
+
+    peft_dir = write_peft(tmp_path / "peft", lora_alpha=NAN)
+    result = CliRunner().invoke(app, ["import", str(peft_dir), "--out", str(tmp_path / "a.safetensors")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.stderr.splitlines() == [
+        f"error: {peft_dir / 'adapter_config.json'}: lora_alpha for {Q0} is nan, expected a finite number > 0"
+    ]
+    assert not (tmp_path / "a.safetensors").exists()
+
+
+GARBAGE = [None, True, False, -1, 0, 2, 2.5, NAN, INF, 10**30, "", "x", [], ["x"], [1], {}, {"x": 1}, [[[[]]]]]
+
+
+def test_no_crafted_config_value_raises_anything_but_a_lorakit_error(tmp_path, monkeypatch):
+    """Each config key lorakit reads, set to each garbage value: a one-line LorakitError, or on to loading the
+    base (stubbed here) with r and alpha checked."""
+    import lorakit.deploy.peft as peft_module
+
+    class Reached(Exception):
+        pass
+
+    def load_base_for(source, config, heads):
+        raise Reached
+
+    monkeypatch.setattr(peft_module, "_load_base_for", load_base_for)
+    keys = ["peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "bias", "base_model_name_or_path"]
+    keys += ["modules_to_save", "init_lora_weights", "rank_pattern", "alpha_pattern", "auto_mapping", "use_rslora"]
+    keys += list(peft_module._VARIANTS)
+    configs = [{key: value} for key in keys for value in GARBAGE]
+    configs += [{p: {"q_proj": value}} for p in ("rank_pattern", "alpha_pattern") for value in GARBAGE]
+    configs += [{"auto_mapping": {"base_model_class": value}} for value in GARBAGE]
+    reached = 0
+    for config in configs:
+        peft_dir = write_peft(tmp_path / "peft", **config)
+        try:
+            import_peft(peft_dir, tmp_path / "a.safetensors", model="m")
+        except Reached:
+            reached += 1
+        except LorakitError as e:
+            assert str(e).startswith(f"{peft_dir}") and "\n" not in str(e) and len(str(e)) < 300, str(e)
+    assert 0 < reached < len(configs)
+
+
+def test_import_refuses_control_characters_in_tensor_names(tmp_path):
+    a, b = torch.randn(2, 32), torch.randn(32, 2)
+    peft_dir = write_peft(tmp_path / "peft", tensors={f"{Q0}\u2028.lora_A.weight": a, f"{Q0}\u2028.lora_B.weight": b})
+    with pytest.raises(LorakitError) as e:
+        import_peft(peft_dir, tmp_path / "a.safetensors", model="unused")
+    assert "holds control characters" in str(e.value) and len(str(e.value).splitlines()) == 1

@@ -238,3 +238,38 @@ def test_missing_files_are_named(tmp_path, gpt2_adapter):
     result = CliRunner().invoke(app, ["inspect", str(path), "--compare", str(missing)])
     assert result.exit_code == 2
     assert "error:" in result.stderr and "nope.safetensors" in result.stderr
+
+
+def _tampered(path, tmp_path, **module_changes):
+    """A copy of the adapter at `path` with every module record changed, and the top-level alpha set to match."""
+    from safetensors.torch import save_file
+
+    original = lorakit.read_adapter(path)
+    modules = [{**m, **module_changes} for m in json.loads(original.metadata["modules"])]
+    meta = {**original.metadata, "modules": json.dumps(modules)}
+    if "alpha" in module_changes:
+        meta["alpha"] = str(module_changes["alpha"])
+    out = tmp_path / "tampered.safetensors"
+    save_file(original.tensors, out, metadata=meta)
+    return out
+
+
+def test_cli_json_never_prints_nan(gpt2_adapter, tmp_path):
+    path, _ = gpt2_adapter
+    bad = _tampered(path, tmp_path, alpha=float("nan"))
+    for args in (["inspect", str(bad), "--json"], ["inspect", str(path), "--json", "--compare", str(bad)]):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2 and result.stdout == ""
+        assert result.stderr.splitlines() == [
+            f"error: {bad}: corrupt adapter metadata: alpha is nan, expected a finite number > 0"
+        ]
+
+
+def test_update_beyond_float_range_is_refused(gpt2_adapter, tmp_path):
+    """A finite but absurd alpha whose update overflows: an error, not `Infinity` in the JSON."""
+    path, _ = gpt2_adapter
+    bad = _tampered(path, tmp_path, alpha=1.7e308)
+    with pytest.raises(
+        LorakitError, match=r"tampered.safetensors: transformer.h.0.attn.c_attn.q: the update .* overflows"
+    ):
+        inspect_adapter(bad)

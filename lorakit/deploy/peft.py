@@ -16,9 +16,11 @@ names the modules owning its parameters and the file holds them as `base_model.m
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,18 @@ from torch import Tensor, nn
 
 from ..errors import LorakitError
 from ..files import atomic_dir
-from ..lora.adapter import Adapter, ModuleInfo, read_adapter, save_adapter
+from ..lora.adapter import (
+    TENSOR_DTYPES,
+    Adapter,
+    MetadataError,
+    ModuleInfo,
+    check_alpha,
+    check_dropout,
+    check_rank,
+    read_adapter,
+    save_adapter,
+    show_value,
+)
 from ..lora.layer import base_shape, is_linear_like
 from ..lora.targets import Target
 from ..lora.wrap import wrap_targets
@@ -79,6 +92,8 @@ def export_peft(adapter: str | os.PathLike, out: str | os.PathLike, overwrite: b
     alphas: dict[str, float] = {}
     for info in source.modules:
         a, b, ranks[info.path], alphas[info.path] = _peft_pair(info, source.tensors)
+        if not math.isfinite(alphas[info.path]):  # k * alpha of k slices, for an absurd alpha
+            raise LorakitError(f"{source.path}: module {info.path}: alpha {info.alpha:g} is too large to export")
         tensors[f"{PREFIX}{info.path}.lora_A.weight"] = a.float().contiguous()
         tensors[f"{PREFIX}{info.path}.lora_B.weight"] = b.float().contiguous()
     for name in source.trained_params:  # PEFT stores a modules_to_save module's weights under their plain names
@@ -151,7 +166,7 @@ def _peft_config(source: Adapter, ranks: dict[str, int], alphas: dict[str, float
         "revision": None,
         "r": r,
         "lora_alpha": _number(alpha),
-        "lora_dropout": float(source.metadata.get("dropout", 0.0)),
+        "lora_dropout": source.dropout,
         "target_modules": paths,
         "fan_in_fan_out": any(m.base_type == "Conv1D" for m in source.modules),
         "bias": "none",
@@ -210,19 +225,19 @@ def import_peft(
         raise LorakitError(f"{out}: file exists; choose another --out or pass --overwrite")
     config = read_peft_config(peft_dir)
     pairs, heads = read_peft_tensors(peft_dir, config.get("modules_to_save") or [])
+    alphas = {path: _alpha(peft_dir, config, path, a.shape[0]) for path, (a, _) in pairs.items()}
+    dropout = _dropout(peft_dir, config)
     source = model or config.get("base_model_name_or_path")
     if not source:
         raise LorakitError(
             f"{peft_dir / CONFIG_NAME}: records no base_model_name_or_path; pass --model (a hub id or model folder)"
         )
-    alphas = {path: _alpha(peft_dir, config, path) for path in pairs}
-    dropout = _dropout(peft_dir, config)
     base = _load_base_for(str(source), config, heads)
     _check_modules(peft_dir, base, pairs)
     base.requires_grad_(False)
     _set_heads(peft_dir, base, heads)
     for path, (a, b) in pairs.items():
-        rank = a.shape[0]  # the tensors are the truth for r; alpha only lives in the config
+        rank = a.shape[0]  # the config's r for this module, checked equal by _alpha
         wrap_targets(base, [Target(path, None)], rank, alphas[path], dropout)
         layer = base.get_submodule(path)
         with torch.no_grad():
@@ -233,7 +248,8 @@ def import_peft(
 
 
 def read_peft_config(peft_dir: Path) -> dict[str, Any]:
-    """adapter_config.json of a PEFT folder, checked to be plain LoRA."""
+    """adapter_config.json of a PEFT folder, checked to be plain LoRA with the keys lorakit reads of the right
+    types (import_peft checks r and lora_alpha per module, as peft picks them)."""
     if not peft_dir.is_dir():
         raise LorakitError(f"{peft_dir}: no such folder; expected a PEFT adapter folder")
     path = peft_dir / CONFIG_NAME
@@ -241,7 +257,11 @@ def read_peft_config(peft_dir: Path) -> dict[str, Any]:
         raise LorakitError(f"{peft_dir}: no {CONFIG_NAME}; expected a PEFT adapter folder")
     try:
         config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except OSError as e:
+        raise LorakitError(f"{path}: unreadable ({e})") from None
+    except RecursionError:
+        raise LorakitError(f"{path}: JSON nested too deeply; expected a PEFT adapter config") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
         raise LorakitError(f"{path}: invalid JSON ({e})") from None
     if not isinstance(config, dict):
         raise LorakitError(f"{path}: expected a JSON object, got {type(config).__name__}")
@@ -254,7 +274,8 @@ def _check_plain_lora(path: Path, config: dict[str, Any]) -> None:
     if peft_type is None:
         raise LorakitError(f"{path}: has no peft_type; expected a PEFT adapter config")
     if peft_type != "LORA":
-        raise LorakitError(f"{path}: is a PEFT {peft_type} adapter; only plain LoRA can be imported")
+        kind = peft_type if isinstance(peft_type, str) and peft_type.isidentifier() else show_value(peft_type)
+        raise LorakitError(f"{path}: is a PEFT {kind} adapter; only plain LoRA can be imported")
     if config.get("use_rslora"):
         raise LorakitError(
             f"{path}: use_rslora is true; rsLoRA scaling alpha/sqrt(r) differs from lorakit's alpha/r, "
@@ -262,21 +283,40 @@ def _check_plain_lora(path: Path, config: dict[str, Any]) -> None:
         )
     for key, what in _VARIANTS.items():
         if config.get(key):
-            raise LorakitError(f"{path}: {key} = {config[key]!r} ({what}); only plain LoRA can be imported")
+            raise LorakitError(f"{path}: {key} = {show_value(config[key])} ({what}); only plain LoRA can be imported")
     if config.get("bias", "none") != "none":
-        raise LorakitError(f"{path}: bias = {config['bias']!r} (trained biases); only bias 'none' can be imported")
-    heads = config.get("modules_to_save")
-    if heads is not None and not (isinstance(heads, list) and all(isinstance(h, str) and h for h in heads)):
-        raise LorakitError(f"{path}: modules_to_save = {heads!r}, expected a list of module names")
+        raise LorakitError(
+            f"{path}: bias = {show_value(config['bias'])} (trained biases); only bias 'none' can be imported"
+        )
     init = config.get("init_lora_weights", True)
     if isinstance(init, str) and init.startswith(_RESIDUAL_INITS):
         raise LorakitError(
-            f"{path}: init_lora_weights = {init!r} changes the base weights; save it from PEFT with "
+            f"{path}: init_lora_weights = {show_value(init)} changes the base weights; save it from PEFT with "
             "path_initial_model_for_weight_conversion to get a plain LoRA first"
         )
-    for key in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(config.get(key) or {}, dict):
-            raise LorakitError(f"{path}: {key} = {config[key]!r}, expected an object of module patterns")
+    for key, ok, expected in _KEY_TYPES:
+        value = config.get(key)
+        if value is not None and not ok(value):
+            raise LorakitError(f"{path}: {key} = {show_value(value)}, expected {expected}")
+
+
+def _names(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) and v for v in value)
+
+
+# Config keys lorakit reads, when not null: (key, test, what is expected).
+_KEY_TYPES: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("modules_to_save", _names, "a list of module names"),
+    ("target_modules", lambda v: isinstance(v, str) or _names(v), "a list of module names or a regex"),
+    ("base_model_name_or_path", lambda v: isinstance(v, str), "a hub id or folder"),
+    ("rank_pattern", lambda v: isinstance(v, dict), "an object of module patterns"),
+    ("alpha_pattern", lambda v: isinstance(v, dict), "an object of module patterns"),
+    (
+        "auto_mapping",
+        lambda v: isinstance(v, dict) and isinstance(v.get("base_model_class") or "", str),
+        "an object with a base_model_class name",
+    ),
+]
 
 
 def read_peft_tensors(peft_dir: Path, modules_to_save: list[str] | None = None) -> tuple[Pairs, dict[str, Tensor]]:
@@ -308,9 +348,11 @@ def _pair_tensors(
     heads: dict[str, Tensor] = {}
     adapter_names = set()
     for name, tensor in tensors.items():
+        if not name.isprintable():  # so that every message below stays one line
+            raise LorakitError(f"{path}: tensor name {show_value(name)} holds control characters")
         m = _TENSOR_NAME.fullmatch(name.removeprefix(PREFIX))
         if name.startswith(PREFIX) and m is None and _in_modules(name.removeprefix(PREFIX), modules_to_save):
-            heads[name.removeprefix(PREFIX)] = _head_tensor(path, name, tensor)
+            heads[name.removeprefix(PREFIX)] = _checked(path, name, tensor)
             continue
         if not name.startswith(PREFIX) or m is None:
             raise LorakitError(f"{path}: {_unexpected(name)}")
@@ -331,16 +373,12 @@ def _pair_tensors(
                 f"{path}: {module} has {a.ndim}-D LoRA tensors (LoRA on a convolution); "
                 "lorakit adapts linear layers only"
             )
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or 0 in a.shape + b.shape:
             raise LorakitError(
                 f"{path}: {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; "
-                "expected (r, in) and (out, r)"
+                "expected (r, in) and (out, r), none of them 0"
             )
-        if not (torch.is_floating_point(a) and torch.is_floating_point(b)):
-            raise LorakitError(f"{path}: {module} has non-float LoRA tensors ({a.dtype}, {b.dtype})")
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            raise LorakitError(f"{path}: {module} holds NaN or inf values")
-        pairs[module] = (a, b)
+        pairs[module] = (_checked(path, f"{module} lora_A", a), _checked(path, f"{module} lora_B", b))
     return pairs, heads
 
 
@@ -352,9 +390,10 @@ def _in_modules(name: str, modules_to_save: list[str]) -> bool:
     return any(owner == key or owner.endswith("." + key) for owner in owners for key in modules_to_save)
 
 
-def _head_tensor(path: Path, name: str, tensor: Tensor) -> Tensor:
-    if not torch.is_floating_point(tensor):
-        raise LorakitError(f"{path}: {name} is {tensor.dtype}; expected a float tensor")
+def _checked(path: Path, name: str, tensor: Tensor) -> Tensor:
+    """The tensor, if it is float32, float16 or bfloat16 (not fp8, fp64 or ints) and finite."""
+    if tensor.dtype not in TENSOR_DTYPES:
+        raise LorakitError(f"{path}: {name} is {tensor.dtype}; expected float32, float16 or bfloat16")
     if not torch.isfinite(tensor).all():
         raise LorakitError(f"{path}: {name} holds NaN or inf values")
     return tensor
@@ -427,28 +466,36 @@ def _check_modules(peft_dir: Path, model: nn.Module, pairs: Pairs) -> None:
             )
 
 
-def _alpha(peft_dir: Path, config: dict[str, Any], path: str) -> float:
-    """lora_alpha of module `path` as peft picks it: the first alpha_pattern key matching the end of the
-    path (or equal to it), else the global lora_alpha (peft's default 8)."""
+def _alpha(peft_dir: Path, config: dict[str, Any], path: str, rank: int) -> float:
+    """lora_alpha of module `path` as peft picks it: the first alpha_pattern key matching the end of the path
+    (or equal to it), else the global lora_alpha (peft's default 8). Its r, picked the same way, must be
+    `rank`, the tensors' rank: peft builds the layer from that r and refuses tensors of another rank."""
     where = peft_dir / CONFIG_NAME
-    value = config.get("lora_alpha", 8)
-    for key, pattern_value in (config.get("alpha_pattern") or {}).items():
+    try:
+        r = check_rank(f"r for {path}", _pattern_value(where, config, "rank_pattern", "r", path))
+        if r != rank:
+            raise MetadataError(f"r for {path} is {show_value(r)}, but its lora_A and lora_B have rank {rank}")
+        return check_alpha(f"lora_alpha for {path}", _pattern_value(where, config, "alpha_pattern", "lora_alpha", path))
+    except MetadataError as e:
+        raise LorakitError(f"{where}: {e}") from None
+
+
+def _pattern_value(where: Path, config: dict[str, Any], patterns: str, key: str, path: str) -> Any:
+    """config[patterns][first key matching path], else config[key] (peft's default 8)."""
+    for pattern, value in (config.get(patterns) or {}).items():
         try:
-            if key == path or re.match(rf"(.*\.)?({key})$", path):
-                value = pattern_value
-                break
+            if pattern == path or re.match(rf"(.*\.)?({pattern})$", path):
+                return value
         except re.error as e:
-            raise LorakitError(f"{where}: invalid alpha_pattern key {key!r} ({e})") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise LorakitError(f"{where}: lora_alpha for {path} is {value!r}, expected a positive number")
-    return float(value)
+            raise LorakitError(f"{where}: invalid {patterns} key {show_value(pattern)} ({e})") from None
+    return config.get(key, 8)
 
 
 def _dropout(peft_dir: Path, config: dict[str, Any]) -> float:
-    value = config.get("lora_dropout") or 0.0
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise LorakitError(f"{peft_dir / CONFIG_NAME}: lora_dropout is {value!r}, expected a number in [0,1)")
-    return float(value)
+    try:
+        return check_dropout("lora_dropout", config.get("lora_dropout") or 0.0)
+    except MetadataError as e:
+        raise LorakitError(f"{peft_dir / CONFIG_NAME}: {e}") from None
 
 
 def _targets_string(target_modules: Any, pairs: dict[str, Any]) -> str:

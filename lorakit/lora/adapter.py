@@ -2,21 +2,25 @@
 
 Layout of `adapter.safetensors`:
 - tensors `<path>.lora_A` (r, in) and `<path>.lora_B` (out, r), or `<path>.<slice>.lora_A/B` for a slice of
-  a fused projection (GPT-2 `transformer.h.0.attn.c_attn.q.lora_A`), all fp32;
+  a fused projection (GPT-2 `transformer.h.0.attn.c_attn.q.lora_A`), written in fp32 (fp16 and bf16 are read too);
 - string metadata: `format`, `format_version`, `lorakit_version`, `rank`, `alpha`, `dropout`, `targets`,
   `base_model`, `base_class`, `base_fingerprint`, `base_dtype` and `modules` (JSON, one object per adapted
   module with its shape, slices, rank, alpha and the fingerprint of its base weight);
 - a new task head trained in full next to the adapter (e.g. the classifier of a sequence-classification
   model, which the base checkpoint does not have) is stored as its parameters under their own names
   (`classifier.weight`), listed in the metadata key `trained_params` (JSON: name -> shape).
-Nothing is ever unpickled: safetensors holds raw tensors only.
+Nothing is ever unpickled: safetensors holds raw tensors only. `read_adapter` checks every metadata value
+and tensor before anything uses them; a bad one is a LorakitError naming the file, the key and the value.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
-from dataclasses import dataclass
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +37,11 @@ from .wrap import lora_layers, target_of, unmerge_adapter, unwrap, wrap_targets
 
 FORMAT = "lorakit-adapter"
 FORMAT_VERSION = 1
+TENSOR_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+"""The dtypes an adapter's tensors may have (torch counts fp8 and fp64 as floating point too; they are refused)."""
+MAX_FEATURES = 1 << 24
+"""Widest base layer a file may record: the tensors do not bound the output size of a sliced module, and export
+allocates it (the widest real layers, vocabulary heads, have ~2**18 outputs)."""
 
 
 @dataclass
@@ -68,20 +77,25 @@ class ModuleInfo:
         return d
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> ModuleInfo:
+    def from_json(cls, d: Any, index: int = 0) -> ModuleInfo:
+        """The record `modules[index]` of a file's metadata, every value checked (raises MetadataError)."""
+        _expect(isinstance(d, dict), f"modules[{index}]", d, "an object (a module record)")
+        path = _name(f"modules[{index}].path", d.get("path", _MISSING))
+        where = f"module {path}: "
+        out_features = _integer(where + "out_features", d.get("out_features", _MISSING), maximum=MAX_FEATURES)
         slices = d.get("slices")
         return cls(
-            path=str(d["path"]),
-            in_features=int(d["in_features"]),
-            out_features=int(d["out_features"]),
-            rank=int(d["rank"]),
-            alpha=float(d["alpha"]),
-            dropout=float(d["dropout"]),
-            slices=None if slices is None else [Slice(str(n), int(a), int(b)) for n, a, b in slices],
-            base_type=str(d["base_type"]),
-            digest=str(d["digest"]),
-            sketch=[float(x) for x in d["sketch"]],
-            dtype=str(d["dtype"]),
+            path=path,
+            in_features=_integer(where + "in_features", d.get("in_features", _MISSING), maximum=MAX_FEATURES),
+            out_features=out_features,
+            rank=check_rank(where + "rank", d.get("rank", _MISSING)),
+            alpha=check_alpha(where + "alpha", d.get("alpha", _MISSING)),
+            dropout=check_dropout(where + "dropout", d.get("dropout", _MISSING)),
+            slices=None if slices is None else _slices(where + "slices", slices, out_features),
+            base_type=_string(where + "base_type", d.get("base_type", _MISSING)),
+            digest=_string(where + "digest", d.get("digest", _MISSING)),
+            sketch=_numbers(where + "sketch", d.get("sketch", _MISSING)),
+            dtype=_string(where + "dtype", d.get("dtype", _MISSING)),
         )
 
 
@@ -93,7 +107,10 @@ class Adapter:
     metadata: dict[str, str]
     modules: list[ModuleInfo]
     tensors: dict[str, torch.Tensor]
+    trained_params: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    """Fully trained (non-LoRA) parameters stored in the file: name -> shape."""
 
+    # read_adapter has checked these metadata values.
     @property
     def rank(self) -> int:
         return int(self.metadata["rank"])
@@ -103,17 +120,16 @@ class Adapter:
         return float(self.metadata["alpha"])
 
     @property
+    def dropout(self) -> float:
+        return float(self.metadata.get("dropout", 0.0))
+
+    @property
     def base_model(self) -> str:
         return self.metadata.get("base_model", "")
 
     @property
     def trainable_params(self) -> int:
         return sum(t.numel() for t in self.tensors.values())
-
-    @property
-    def trained_params(self) -> dict[str, tuple[int, ...]]:
-        """Fully trained (non-LoRA) parameters stored in the file: name -> shape."""
-        return {k: tuple(v) for k, v in json.loads(self.metadata.get("trained_params", "{}")).items()}
 
 
 def _module_info(path: str, layer: LoRALayer) -> ModuleInfo:
@@ -206,7 +222,13 @@ def save_adapter(
 
 
 def read_adapter(path: str | os.PathLike) -> Adapter:
-    """Read and validate an adapter file without a model: metadata, module records and tensors."""
+    """Read and validate an adapter file without a model: metadata, module records and tensors.
+
+    Raises:
+        LorakitError: one line naming the file and what is wrong in it (unreadable, not a lorakit adapter, a
+            newer format, a metadata value out of range, a tensor missing, misshapen, of another dtype or
+            not finite).
+    """
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -223,29 +245,198 @@ def read_adapter(path: str | os.PathLike) -> Adapter:
         hint = " (a PEFT adapter? convert it with `lorakit import`)" if "adapter_model" in path.name else ""
         raise LorakitError(f"{path}: safetensors file without lorakit adapter metadata{hint}")
     try:
-        version = int(metadata["format_version"])
-        modules = [ModuleInfo.from_json(m) for m in json.loads(metadata["modules"])]
-        int(metadata["rank"]), float(metadata["alpha"])
-        heads = {str(k): tuple(int(x) for x in v) for k, v in json.loads(metadata.get("trained_params", "{}")).items()}
-    except (KeyError, ValueError, TypeError) as e:
-        raise LorakitError(f"{path}: corrupt adapter metadata ({type(e).__name__}: {e})") from None
-    if version > FORMAT_VERSION:
-        raise LorakitError(
-            f"{path}: adapter format version {version} is newer than this lorakit supports "
-            f"({FORMAT_VERSION}); upgrade lorakit"
+        version = _integer("format_version", _parsed(metadata.get("format_version", _MISSING)))
+        if version > FORMAT_VERSION:
+            raise LorakitError(
+                f"{path}: adapter format version {version} is newer than this lorakit supports "
+                f"({FORMAT_VERSION}); upgrade lorakit"
+            )
+        modules, heads = _parse_metadata(metadata)
+        expected = _tensor_shapes(modules, heads)
+    except MetadataError as e:
+        raise LorakitError(f"{path}: corrupt adapter metadata: {e}") from None
+    _check_tensors(path, expected, tensors)
+    return Adapter(path, metadata, modules, tensors, heads)
+
+
+# ---------------------------------------------------------------- metadata checks
+
+
+class MetadataError(LorakitError):
+    """A bad value in an adapter's metadata (read_adapter adds the file name)."""
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "missing"
+
+
+_MISSING: Any = _Missing()
+_NAME = re.compile(r"[\w-]+(?:\.[\w-]+)*")  # a module or parameter path: word characters and dots
+
+
+def show_value(value: Any, width: int = 60) -> str:
+    """repr of a value read from a file, cut to one short line (crafted values can be huge or deeply nested)."""
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):  # ValueError: an int too long to print
+        text = f"<{type(value).__name__}>"
+    return _clip(text, width)
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _expect(ok: Any, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise MetadataError(f"{key} is {show_value(value)}, expected {expected}")
+
+
+def _integer(key: str, value: Any, minimum: int = 1, maximum: int | None = None) -> int:
+    """A JSON integer in [minimum, maximum]."""
+    ok = _is_int(value) and value >= minimum and (maximum is None or value <= maximum)
+    _expect(ok, key, value, f"an integer >= {minimum}" if maximum is None else f"an integer in [{minimum}, {maximum}]")
+    return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _real(
+    key: str, value: Any, expected: str = "a finite number", ok: Callable[[float], bool] = lambda x: True
+) -> float:
+    """A finite JSON number for which `ok` holds."""
+    try:
+        x = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+    except OverflowError:  # an int beyond float range
+        x = math.inf
+    _expect(math.isfinite(x) and ok(x), key, value, expected)
+    return x
+
+
+def check_rank(key: str, value: Any) -> int:
+    """A LoRA rank: an integer >= 1 (raises MetadataError)."""
+    return _integer(key, value)
+
+
+def check_alpha(key: str, value: Any) -> float:
+    """A LoRA alpha: a finite number > 0 (raises MetadataError)."""
+    return _real(key, value, "a finite number > 0", lambda x: x > 0)
+
+
+def check_dropout(key: str, value: Any) -> float:
+    """A dropout probability: a number in [0, 1) (raises MetadataError)."""
+    return _real(key, value, "a number in [0, 1)", lambda x: 0 <= x < 1)
+
+
+def _parsed(text: Any) -> Any:
+    """A top-level metadata string as the int or float it spells, else unchanged (then refused by the check)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except (TypeError, ValueError):
+            pass
+    return text
+
+
+def _numbers(key: str, value: Any) -> list[float]:
+    _expect(isinstance(value, list), key, value, "a list of finite numbers")
+    return [_real(f"{key}[{i}]", x) for i, x in enumerate(value)]
+
+
+def _string(key: str, value: Any) -> str:
+    _expect(isinstance(value, str), key, value, "a string")
+    return value
+
+
+def _name(key: str, value: Any) -> str:
+    _expect(isinstance(value, str) and _NAME.fullmatch(value), key, value, "a name of word characters and dots")
+    return value
+
+
+def _json(key: str, text: Any, expected: str) -> Any:
+    _expect(isinstance(text, str), key, text, expected)
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise MetadataError(f"{key} is JSON nested too deeply, expected {expected}") from None
+    except ValueError as e:
+        raise MetadataError(f"{key} is not valid JSON ({_clip(str(e), 80)}), expected {expected}") from None
+
+
+def _slices(key: str, value: Any, out_features: int) -> list[Slice]:
+    """[[name, start, stop], ...]: disjoint, non-empty output ranges within [0, out_features), names unique."""
+    _expect(isinstance(value, list) and value, key, value, "null or a non-empty list of [name, start, stop]")
+    slices = []
+    for i, item in enumerate(value):
+        _expect(isinstance(item, list) and len(item) == 3, f"{key}[{i}]", item, "[name, start, stop]")
+        name = _name(f"{key}[{i}] name", item[0])
+        start, stop = _integer(f"{key}[{i}] start", item[1], 0), _integer(f"{key}[{i}] stop", item[2], 0)
+        _expect(
+            start < stop <= out_features, f"{key}[{i}]", item, f"a non-empty range [start, stop) in [0, {out_features})"
         )
-    _check_tensors(path, modules, tensors, heads)
-    return Adapter(path, metadata, modules, tensors)
+        slices.append(Slice(name, start, stop))
+    ordered = sorted(slices, key=lambda s: s.start)
+    for a, b in zip(ordered, ordered[1:]):
+        if b.start < a.stop:
+            raise MetadataError(
+                f"{key}: {a.name} [{a.start}, {a.stop}) and {b.name} [{b.start}, {b.stop}) overlap, "
+                "expected disjoint output ranges"
+            )
+    names = [s.name for s in slices]
+    twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    if twice is not None:
+        raise MetadataError(f"{key}: slice name {twice} appears twice, expected distinct names")
+    return slices
 
 
-def _check_tensors(
-    path: Path, modules: list[ModuleInfo], tensors: dict[str, torch.Tensor], heads: dict[str, tuple[int, ...]]
-) -> None:
-    expected: dict[str, tuple[int, ...]] = dict(heads)
+def _parse_metadata(metadata: dict[str, str]) -> tuple[list[ModuleInfo], dict[str, tuple[int, ...]]]:
+    """The module records and trained parameters (name -> shape) of a file's metadata, every value checked."""
+    check_rank("rank", _parsed(metadata.get("rank", _MISSING)))
+    check_alpha("alpha", _parsed(metadata.get("alpha", _MISSING)))
+    check_dropout("dropout", _parsed(metadata.get("dropout", "0")))
+    if "num_labels" in metadata:
+        _integer("num_labels", _parsed(metadata["num_labels"]))
+    if "train_config" in metadata:
+        config = _json("train_config", metadata["train_config"], "a JSON object")
+        _expect(isinstance(config, dict), "train_config", config, "a JSON object")
+    records = _json("modules", metadata.get("modules", _MISSING), "a JSON list of module records")
+    _expect(isinstance(records, list) and records, "modules", records, "a non-empty list of module records")
+    modules = [ModuleInfo.from_json(d, i) for i, d in enumerate(records)]
+    paths = [m.path for m in modules]
+    twice = next((p for i, p in enumerate(paths) if p in paths[:i]), None)
+    if twice is not None:
+        raise MetadataError(f"module {twice} is listed twice, expected each module once")
+    heads = _json("trained_params", metadata.get("trained_params", "{}"), "a JSON object of name -> shape")
+    _expect(isinstance(heads, dict), "trained_params", heads, "an object of name -> shape")
+    for name, shape in heads.items():
+        _name("trained_params name", name)
+        dims_ok = isinstance(shape, list) and all(_is_int(n) and n > 0 for n in shape)
+        _expect(dims_ok, f"trained_params {name}", shape, "a shape: a list of integers >= 1")
+    return modules, {name: tuple(shape) for name, shape in heads.items()}
+
+
+def _tensor_shapes(modules: list[ModuleInfo], heads: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """The tensors the metadata names: name -> shape; each name claimed once."""
+    expected: dict[str, tuple[int, ...]] = {}
+
+    def claim(name: str, shape: tuple[int, ...]) -> None:
+        if name in expected:
+            raise MetadataError(f"tensor {name} is named by two records, expected each tensor name once")
+        expected[name] = shape
+
     for m in modules:
         for name, out in zip(m.names, m.out_sizes):
-            expected[f"{name}.lora_A"] = (m.rank, m.in_features)
-            expected[f"{name}.lora_B"] = (out, m.rank)
+            claim(f"{name}.lora_A", (m.rank, m.in_features))
+            claim(f"{name}.lora_B", (out, m.rank))
+    for name, shape in heads.items():
+        claim(name, shape)
+    return expected
+
+
+def _check_tensors(path: Path, expected: dict[str, tuple[int, ...]], tensors: dict[str, torch.Tensor]) -> None:
     missing = [k for k in expected if k not in tensors]
     unexpected = [k for k in tensors if k not in expected]
     if missing:
@@ -256,14 +447,16 @@ def _check_tensors(
         t = tensors[k]
         if tuple(t.shape) != shape:
             raise LorakitError(f"{path}: tensor {k} has shape {tuple(t.shape)}, expected {shape}")
-        if not torch.is_floating_point(t):
-            raise LorakitError(f"{path}: tensor {k} has dtype {t.dtype}, expected a float type")
+        if t.dtype not in TENSOR_DTYPES:
+            raise LorakitError(
+                f"{path}: tensor {k} has dtype {t.dtype}, expected a float type: float32, float16 or bfloat16"
+            )
         if not torch.isfinite(t).all():
             raise LorakitError(f"{path}: tensor {k} holds NaN or inf values")
 
 
 def _few(names: list[str], n: int = 3) -> str:
-    shown = ", ".join(names[:n])
+    shown = ", ".join(name if name.isprintable() else show_value(name) for name in names[:n])  # names from a file
     return shown + (f" and {len(names) - n} more" if len(names) > n else "")
 
 

@@ -81,6 +81,9 @@ def _module_report(adapter: Adapter, pair: Pair, svd: bool) -> dict[str, Any]:
     b = adapter.tensors[f"{name}.lora_B"]  # (out_slice, r)
     scaling = info.alpha / info.rank
     s = update_singular_values(a, b, scaling)
+    norm = float(torch.linalg.vector_norm(s))  # ||dW||_F = sqrt(sum s_i^2)
+    if not (math.isfinite(norm) and math.isfinite(float(s.sum()))):  # finite A, B and alpha, but an absurd alpha
+        raise LorakitError(f"{adapter.path}: {name}: the update alpha/r * B A overflows (alpha {info.alpha:g})")
     report: dict[str, Any] = {
         "name": name,
         "path": info.path,
@@ -92,7 +95,7 @@ def _module_report(adapter: Adapter, pair: Pair, svd: bool) -> dict[str, Any]:
         "scaling": scaling,
         "params": a.numel() + b.numel(),
         "bytes": a.numel() * a.element_size() + b.numel() * b.element_size(),
-        "update_norm": float(torch.linalg.vector_norm(s)),  # ||dW||_F = sqrt(sum s_i^2)
+        "update_norm": norm,
     }
     if svd:
         report["singular_values"] = [float(x) for x in s]
@@ -152,7 +155,7 @@ def inspect_adapter(
         "header_bytes": file_bytes - tensor_bytes,  # length prefix + JSON header (metadata, offsets)
         "rank": adapter.rank,
         "alpha": adapter.alpha,
-        "dropout": float(meta.get("dropout", 0.0)),
+        "dropout": adapter.dropout,
         "targets": meta.get("targets", ""),
         "base_model": adapter.base_model,
         "base_class": meta.get("base_class", ""),
