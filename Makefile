@@ -34,6 +34,7 @@ test: setup
 # The lowest versions pyproject.toml allows (tests/constraints-oldest.txt), in a venv of their own: evidence that
 # the floors are true. Not part of `make test`. Without an NVIDIA GPU, torch's CPU build comes from PyTorch's index
 # where it can be reached; otherwise PyPI's (CUDA) build, which pulls ~2.5 GB of nvidia-* libraries.
+# The lowest Python too: make test-oldest PYTHON=python3.10 VENV_OLDEST=.venv-oldest310
 $(VENV_OLDEST)/.installed: pyproject.toml $(OLDEST)
 	rm -rf $(VENV_OLDEST)
 	$(PYTHON) -m venv $(VENV_OLDEST)
@@ -51,7 +52,7 @@ $(VENV_OLDEST)/.installed: pyproject.toml $(OLDEST)
 test-oldest: $(VENV_OLDEST)/.installed
 	$(PY_OLDEST) -m pip list 2>/dev/null | grep -E -i '^(torch|transformers|datasets|safetensors|accelerate|gguf|typer|peft|bitsandbytes|numpy) '
 	$(PY_OLDEST) -m pytest -q -m "not slow and not multiprocess"
-	LORAKIT_CACHE=$(CURDIR)/$(VENV_OLDEST)/cache $(PY_OLDEST) -m pytest -q tests/test_train.py::test_packaged_smollm2_trains_a_few_steps
+	LORAKIT_CACHE=$(abspath $(VENV_OLDEST))/cache $(PY_OLDEST) -m pytest -q tests/test_train.py::test_packaged_smollm2_trains_a_few_steps
 
 # The main job: fine-tune the packaged SmolLM2-135M on the built-in demo task, then a before/after evaluation.
 demo: setup
