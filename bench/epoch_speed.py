@@ -1,4 +1,4 @@
-"""One epoch of prompt/completion LoRA training on E2E rows: lorakit's CLI against TRL's SFTTrainer with PEFT.
+"""One epoch of prompt/completion LoRA training on E2E rows: lorakit's training loop against TRL's SFTTrainer + PEFT.
 
 Both train the packaged SmolLM2-135M-Instruct (the safetensors folder lorakit converts once into its cache) in
 fp32 with the hyperparameters of `recipes/smollm2-e2e.yaml`: LoRA r 4, alpha 32, dropout 0 on q_proj/v_proj, AdamW
@@ -7,17 +7,17 @@ no accumulation, no clipping (the recipe sets none and lorakit does not clip by 
 seed 110, one epoch over the first --rows rows of the E2E training CSV, no evaluation, no checkpoint during the
 epoch, a loss logged every step.
 
-  lorakit  `lorakit train recipes/smollm2-e2e.yaml --data CSV --prompt-field mr --completion-field ref --limit N
-           --out DIR --overwrite --eval-data "" --save-every 1000000000` (an empty --eval-data drops the recipe's
-           hub eval set; the large --save-every leaves only the checkpoint written after the loop).
+  lorakit  `train(cfg)`, the function behind `lorakit train recipes/smollm2-e2e.yaml --data CSV --prompt-field mr
+           --completion-field ref --limit N --out DIR --overwrite --eval-data "" --save-every 1000000000`, with the
+           config that command line resolves to (an empty --eval-data drops the recipe's hub eval set; the large
+           --save-every leaves only the checkpoint written after the loop).
   trl      `SFTTrainer` + `peft.LoraConfig`, completion-only loss; the final PEFT adapter is saved to DIR/adapter
            (`lorakit import DIR/adapter --out x.safetensors` converts it for `lorakit eval`).
 
-Every run is a fresh process of this script (`--worker lorakit|trl`): the lorakit worker runs the `lorakit` CLI
-in-process (the same Typer app as the console script), so that it can time the training loop alone and read
-its own peak RSS (VmHWM; getrusage's ru_maxrss of a child can include the parent's, see common.py). The epoch
-time runs from the first step to the end of the last (lorakit: entering/leaving its progress bar around the
-loop; TRL: on_train_begin to on_train_end); model loading, tokenization and the adapter save are outside it.
+Every run is a fresh process of this script (`--worker lorakit|trl`), which times the training loop alone and
+reads its own peak RSS (VmHWM; getrusage's ru_maxrss of a child can include the parent's, see common.py). The
+epoch time runs from the first step to the end of the last (lorakit: while its progress bar is shown; TRL:
+on_train_begin to on_train_end); model loading, tokenization and the adapter save are outside it.
 
 The token sequences are the same for both: TRL gets the prompt "{mr}<|im_end|>" and the completion " {ref}"
 (TRL appends EOS) and tokenizes them itself; before training, the TRL worker checks that every sequence it
@@ -44,8 +44,6 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +53,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "smollm2-e2e.yaml"
 DATA = str(ROOT.parent / "shared" / "data" / "e2e" / "trainset.csv")  # ../shared beside the checkout
-SYSTEMS = ("lorakit", "trl")
-LABELS = {"lorakit": "lorakit CLI", "trl": "TRL SFTTrainer + PEFT"}
+SYSTEMS = {"lorakit": "lorakit CLI", "trl": "TRL SFTTrainer + PEFT"}
 NO_SAVE = 1_000_000_000  # --save-every for lorakit: no checkpoint inside the epoch (one is written after it)
 LOSS_TOLERANCE = 0.02
 
@@ -85,20 +82,28 @@ def lorakit_command(args: argparse.Namespace, out: Path) -> list[str]:
     return [*argv, "--out", str(out), "--overwrite"]
 
 
-def lorakit_config(args: argparse.Namespace) -> Any:
+def lorakit_config(args: argparse.Namespace, out: Path | None = None) -> Any:
     """The TrainConfig the command line above resolves to."""
     from lorakit.training.config import build_config, read_recipe
 
-    return build_config(read_recipe(RECIPE), lorakit_flags(args), source=str(RECIPE))
+    flags = lorakit_flags(args) if out is None else {**lorakit_flags(args), "out": str(out), "overwrite": True}
+    return build_config(read_recipe(RECIPE), flags, source=str(RECIPE))
+
+
+def data_spec(cfg: Any) -> Any:
+    """The training data's DataSpec, as `lorakit train` reads it: TrainConfig names the fields alike."""
+    from lorakit.training.data import DataSpec
+
+    shared = {f.name for f in dataclasses.fields(DataSpec)} & {f.name for f in dataclasses.fields(cfg)}
+    return DataSpec(source=cfg.data, hub_config=cfg.data_config, **{name: getattr(cfg, name) for name in shared})
 
 
 def lorakit_encoding(cfg: Any) -> Any:
     """lorakit's own encoding of the training rows (lorakit.training.data.Encoded), as `lorakit train` makes it."""
     from lorakit.models import load_tokenizer
     from lorakit.training.data import encode, read_rows
-    from lorakit.training.loop import data_spec
 
-    spec = data_spec(cfg, cfg.data, cfg.split, cfg.limit)
+    spec = data_spec(cfg)
     return encode(read_rows(spec, task=cfg.task), load_tokenizer(cfg.model), cfg.max_length, spec)
 
 
@@ -134,59 +139,36 @@ class Meter:
 
     def __init__(self) -> None:
         self.result: dict[str, Any] = {}
+        self.clock = common.Clock()
 
     def begin(self) -> None:
-        self.result["peak_before_mb"] = common.peak_memory_mb("cpu")  # VmHWM: loading model, data, tokenizer
+        before = common.peak_memory_mb("cpu")  # VmHWM: loading model, data, tokenizer
         common.reset_peak_memory("cpu")  # VmHWM := VmRSS (Linux >= 4.0)
-        self.result["rss_at_start_mb"] = common.current_memory_mb("cpu")
-        self.result["peak_reset"] = common.peak_memory_mb("cpu") <= self.result["rss_at_start_mb"] + 64
-        self._jiffies = common.cpu_jiffies()
-        self._cpu = time.process_time()
-        self._start = time.perf_counter()
+        at_start = common.current_memory_mb("cpu")
+        reset = common.peak_memory_mb("cpu") <= at_start + 64
+        self.result.update(peak_before_mb=before, rss_at_start_mb=at_start, peak_reset=reset)
+        self.clock.start()
 
     def end(self) -> None:
-        seconds = time.perf_counter() - self._start
-        cpu_seconds = time.process_time() - self._cpu
-        all1, busy1, own1 = common.cpu_jiffies()
-        all0, busy0, own0 = self._jiffies
-        others = max(0, (busy1 - busy0) - (own1 - own0)) / max(1, all1 - all0)
-        peak_epoch = common.peak_memory_mb("cpu")
-        self.result.update(
-            epoch_s=seconds,
-            epoch_cpu_s=cpu_seconds,
-            others_cpu_share=others,
-            peak_epoch_mb=peak_epoch,
-            peak_mb=max(peak_epoch, self.result["peak_before_mb"]),
-        )
+        seconds, cpu_seconds, others = self.clock.stop()
+        peak = common.peak_memory_mb("cpu")
+        self.result.update(epoch_s=seconds, epoch_cpu_s=cpu_seconds, others_cpu_share=others, peak_epoch_mb=peak)
+        self.result["peak_mb"] = max(peak, self.result["peak_before_mb"])
 
 
 def worker_lorakit(args: argparse.Namespace) -> dict[str, Any]:
-    """Run `lorakit train ...` in this process and time its training loop."""
-    import lorakit.training.loop as lorakit_train
-    from lorakit.cli import app
+    """Train with lorakit's `train(cfg)` in this process, as `lorakit train` does, and time its training loop."""
+    from transformers.utils import logging
 
-    meter = Meter()
-    original = lorakit_train._progress  # the context manager around the training loop (and nothing else)
+    from lorakit.training.loop import train
 
-    @contextlib.contextmanager
-    def timed_progress(*a: Any, **kw: Any) -> Iterator[Any]:
-        with original(*a, **kw) as bar:
-            meter.begin()
-            yield bar
-            meter.end()
-
-    lorakit_train._progress = timed_progress
-    out = Path(args.out)
-    argv = lorakit_command(args, out)
-    try:
-        app(args=argv, prog_name="lorakit")
-    except SystemExit as e:
-        if e.code not in (0, None):
-            raise SystemExit(f"lorakit {' '.join(argv)} exited with {e.code}") from None
-    finally:
-        lorakit_train._progress = original
-    if "epoch_s" not in meter.result:
-        raise SystemExit("lorakit's training loop was never timed (lorakit.training.loop._progress not used?)")
+    logging.disable_progress_bar()  # as the CLI: no per-shard loading bars or advisory warnings
+    logging.set_verbosity_error()
+    meter, out = Meter(), Path(args.out)
+    console = common.loop_console(meter.begin, meter.end)
+    train(lorakit_config(args, out), console=console)
+    if console.loops != 1:
+        raise SystemExit(f"expected one progress display around lorakit's training loop, saw {console.loops}")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     return {
@@ -194,7 +176,7 @@ def worker_lorakit(args: argparse.Namespace) -> dict[str, Any]:
         "steps": len(steps),
         "losses": [r["loss"] for r in steps],
         "lrs": [r["lr"] for r in steps],
-        "command": ["lorakit", *argv],
+        "command": ["lorakit", *lorakit_command(args, out)],
         "adapter": str(out / "adapter.safetensors"),
     }
 
@@ -202,20 +184,14 @@ def worker_lorakit(args: argparse.Namespace) -> dict[str, Any]:
 def trl_rows(cfg: Any, tokenizer: Any) -> list[dict[str, Any]]:
     """TRL's prompt/completion rows: the recipe's templates filled in (TRL appends EOS to the completion)."""
     from lorakit.training.data import read_rows, template_values
-    from lorakit.training.loop import data_spec
 
-    spec = data_spec(cfg, cfg.data, cfg.split, cfg.limit)
+    spec = data_spec(cfg)
     special = {"eos": tokenizer.eos_token, "bos": tokenizer.bos_token or ""}
     out = []
     for i, row in enumerate(read_rows(spec, task=cfg.task).rows):
         values = template_values(row, spec, special)
-        out.append(
-            {
-                "row": i,
-                "prompt": cfg.prompt_template.format_map(values),
-                "completion": cfg.completion_template.format_map(values),
-            }
-        )
+        prompt, completion = cfg.prompt_template.format_map(values), cfg.completion_template.format_map(values)
+        out.append({"row": i, "prompt": prompt, "completion": completion})
     return out
 
 
@@ -403,9 +379,7 @@ def run_worker(args: argparse.Namespace, system: str, round_: int) -> dict[str, 
     """One system's epoch in a fresh process; its output goes to a log file (or the terminal with --verbose)."""
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    out = work / f"{system}-r{round_}"
-    result = work / f"{system}-r{round_}.json"
-    log = work / f"{system}-r{round_}.log"
+    out, result, log = (work / f"{system}-r{round_}{suffix}" for suffix in ("", ".json", ".log"))
     result.unlink(missing_ok=True)
     threads = str(args.threads)
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "HF_HUB_OFFLINE": "1"}
@@ -452,7 +426,7 @@ def summarize(system: str, runs: list[dict[str, Any]], data: dict[str, Any]) -> 
     padded = first.get("padded_tokens", data["lorakit_padded_tokens"] if system == "lorakit" else None)
     return {
         "system": system,
-        "label": LABELS[system],
+        "label": SYSTEMS[system],
         "rounds": len(runs),
         "epoch_s": median_s,
         "epoch_s_runs": seconds,
@@ -472,8 +446,7 @@ def summarize(system: str, runs: list[dict[str, Any]], data: dict[str, Any]) -> 
     }
 
 
-def report(summary: list[dict[str, Any]], data: dict[str, Any], info: dict[str, Any], args: argparse.Namespace) -> str:
-    """The Markdown report: the table and what to read it with."""
+def table(summary: list[dict[str, Any]], data: dict[str, Any], args: argparse.Namespace) -> tuple[str, list, list]:
     columns = ["system", "epoch s", "real tokens", "real tok/s", "padded tokens", "padding", "peak RSS MiB"]
     columns += ["peak in epoch MiB", "RSS at start MiB", "steps", "first loss", "mean loss", "last-10% loss"]
     rows = []
@@ -501,28 +474,30 @@ def report(summary: list[dict[str, Any]], data: dict[str, Any], info: dict[str, 
         f"SmolLM2-135M-Instruct, fp32, r 4 alpha 32 on q,v, {args.threads} torch threads"
         + (f"; median of {args.repeats} rounds (each run listed)" if args.repeats > 1 else "")
     )
-    lines = []
-    with _captured(lines):
-        common.print_table(title, columns, rows, markdown=True)
+    return title, columns, rows
+
+
+def notes(summary: list[dict[str, Any]], data: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    """What to read the table with."""
     by = {s["system"]: s for s in summary}
-    notes = [""]
+    out = []
     if "lorakit" in by and "trl" in by:
         a, b = by["lorakit"], by["trl"]
         last = b["loss_last10"] / a["loss_last10"] - 1
         mean = b["loss_mean"] / a["loss_mean"] - 1
         agree = abs(last) <= LOSS_TOLERANCE and abs(mean) <= LOSS_TOLERANCE
-        notes.append(
+        out.append(
             f"- TRL / lorakit: epoch time {b['epoch_s'] / a['epoch_s']:.2f}x, real tokens/s "
             f"{b['real_tokens_per_s'] / a['real_tokens_per_s']:.2f}x, peak RSS {b['peak_mb'] / a['peak_mb']:.2f}x."
         )
-        notes.append(
+        out.append(
             f"- Loss, TRL relative to lorakit: last {a['last10_steps']} steps {last:+.2%}, whole epoch {mean:+.2%}, "
             f"first step {b['loss_first'] / a['loss_first'] - 1:+.2%}: "
             + ("within" if agree else "NOT within")
             + f" {LOSS_TOLERANCE:.0%}."
         )
     if "trl" in by:
-        notes.append(
+        out.append(
             "- Loss computation: lorakit projects only the label positions through the LM head; TRL 1.16 on a CPU "
             "runs its chunked LM head over every position (prompt and padding too; it keeps only label positions "
             "on CUDA/XPU with Triton) and also computes the entropy and top-1 accuracy it logs every step."
@@ -530,55 +505,38 @@ def report(summary: list[dict[str, Any]], data: dict[str, Any], info: dict[str, 
     check = data.get("token_check")
     if check:
         same = check["input_ids_identical"] and check["labels_identical"]
-        notes.append(
+        out.append(
             f"- Token sequences and label masks: {'identical' if same else 'DIFFERENT'} for all "
             f"{check['rows_compared']:,} rows (TRL's prepared dataset against lorakit's encoding; TRL input: "
             f"{args.trl_input})."
         )
     sampler = {
-        "random": "TRL's random sampler (more padding)",
+        "random": "its random sampler (more padding)",
         "group_by_length": "transformers' length-grouped sampler",
         "lorakit": "lorakit's batches in lorakit's order (sequential sampler over a reordered dataset)",
     }[args.trl_sampler]
-    notes.append(
-        f"- Row order: lorakit shuffles with its length-grouped sampler (seed {data['seed']}); TRL uses {sampler}."
-    )
-    notes.append(
-        "- Learning rate: "
-        + (
-            "lorakit's schedule in TRL too (LambdaLR over lr_at: (s+1)/warmup, then linear decay)."
-            if args.trl_schedule == "lorakit"
-            else "TRL's own linear schedule (s/warmup: step 0 at lr 0), lorakit's (s+1)/warmup."
-        )
-    )
-    notes.append(
+    out.append(f"- Row order: lorakit shuffles with its length-grouped sampler (seed {data['seed']}); TRL: {sampler}.")
+    schedule = {
+        "lorakit": "lorakit's schedule in TRL too (LambdaLR over lr_at: (s+1)/warmup, then linear decay).",
+        "hf": "TRL's own linear schedule (s/warmup: step 0 at lr 0), lorakit's (s+1)/warmup.",
+    }[args.trl_schedule]
+    out.append(f"- Learning rate: {schedule}")
+    out.append(
         "- epoch s: first step to end of last step, loading and adapter saving excluded; real tokens: attention-mask "
         "ones over the epoch (the same sequences for both); peak RSS: the process's VmHWM (model loading included); "
         "peak in epoch: VmHWM reset when the epoch starts; others' CPU share during the epoch: "
         + ", ".join(f"{s['system']} {s['others_cpu_share']:.0%}" for s in summary)
         + "."
     )
-    notes.append(f"- machine: {common.describe(info)}; trl {info.get('trl', '-')}")
-    return "\n".join(lines + notes) + "\n"
+    return out
 
 
-@contextlib.contextmanager
-def _captured(lines: list[str]) -> Iterator[None]:
-    """Collect what print() writes inside the block as lines."""
-    import io
-
-    buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer):
-        yield
-    lines += buffer.getvalue().splitlines()
-
-
-def dataset_facts(args: argparse.Namespace) -> tuple[dict[str, Any], Any, Any]:
-    """What both systems train on: example count, real tokens, lorakit's padded tokens; plus config and encoding."""
+def dataset_facts(args: argparse.Namespace) -> dict[str, Any]:
+    """What both systems train on: example count, real tokens, lorakit's padded tokens."""
     cfg = lorakit_config(args)
     encoded = lorakit_encoding(cfg)
     lengths = encoded.lengths
-    facts = {
+    return {
         "rows": args.rows,
         "examples": len(encoded.examples),
         "truncated": encoded.truncated,
@@ -592,7 +550,6 @@ def dataset_facts(args: argparse.Namespace) -> tuple[dict[str, Any], Any, Any]:
         "data": args.data,
         "recipe": str(RECIPE.relative_to(ROOT)),
     }
-    return facts, cfg, encoded
 
 
 def check_only(args: argparse.Namespace) -> None:
@@ -614,8 +571,8 @@ def check_only(args: argparse.Namespace) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rows", type=int, default=2000, help="first N rows of the CSV (default 2000)")
+    p = common.parser(__doc__, threads=None, seed=False)
+    p.add_argument("--rows", type=int, default=2000, help="first N rows of the CSV (default 2000; --quick: 16)")
     p.add_argument("--data", default=DATA, help=f"the E2E training CSV, columns mr, ref (default {DATA})")
     p.add_argument("--systems", default="lorakit,trl", help="comma-separated, in running order: lorakit, trl")
     p.add_argument("--repeats", type=int, default=1, help="rounds of every system")
@@ -626,7 +583,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="which system goes first: as in --systems, reversed, or alternating every round (default)",
     )
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
-    p.add_argument("--quick", action="store_true", help="16 rows: a smoke test")
     p.add_argument("--check", action="store_true", help="only compare the token sequences and masks; no training")
     p.add_argument(
         "--trl-sampler",
@@ -648,14 +604,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--allow-token-mismatch", action="store_true", help="train TRL even if its tokens differ")
     p.add_argument("--work", default=str(ROOT / "runs" / "epoch_speed"), help="run folders, worker logs")
-    p.add_argument("--json", help="results JSON (default bench/results/epoch_speed[-quick].json; .md beside it)")
     p.add_argument("--verbose", action="store_true", help="show the workers' output instead of logging it")
     p.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.quick:
-        args.rows = 16
+    args = common.parse(p, argv, quick=dict(rows=16))
     if args.rows < 1 or args.repeats < 1 or args.threads < 1:
         p.error("--rows, --repeats and --threads must be at least 1")
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
@@ -663,7 +616,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--systems: a comma-separated list of distinct names from {', '.join(SYSTEMS)}")
     if not Path(args.data).is_file():
         p.error(f"--data {args.data}: no such file")
-    if args.json is None:
+    if args.json is None:  # the results and their Markdown report (.md) beside them
         args.json = str(ROOT / "bench" / "results" / ("epoch_speed-quick.json" if args.quick else "epoch_speed.json"))
     return args
 
@@ -673,15 +626,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         worker(args)
         return
-    torch.set_num_threads(args.threads)
     if args.check:
+        torch.set_num_threads(args.threads)
         check_only(args)
         return
-    info = common.machine("cpu")
-    with contextlib.suppress(metadata.PackageNotFoundError):
-        info["trl"] = metadata.version("trl")
-    print(f"machine: {common.describe(info)}; trl {info.get('trl', '-')}", flush=True)
-    data, _, _ = dataset_facts(args)
+    info = common.start(args)
+    data = dataset_facts(args)
     print(
         f"data: {data['examples']:,} examples, {data['real_tokens']:,} real tokens, {data['steps']} steps of 8",
         flush=True,
@@ -693,33 +643,16 @@ def main(argv: list[str] | None = None) -> None:
         for r in runs[system]:
             if r["steps"] != data["steps"]:
                 raise SystemExit(f"{system} logged {r['steps']} steps, expected {data['steps']}")
+    commands = {"lorakit": ["lorakit", *lorakit_command(args, Path(args.work) / "lorakit-r1")]}
     if "trl" in runs:
         data["token_check"] = runs["trl"][0]["token_check"]
         seen = runs["trl"][0]["real_tokens_seen"]
         if seen != data["real_tokens"]:
             print(f"warning: TRL's batches held {seen:,} real tokens, lorakit's encoding {data['real_tokens']:,}")
-    summary = [summarize(s, runs[s], data) for s in args.systems]
-    text = report(summary, data, info, args)
-    print(text, end="")
-    settings = {k: v for k, v in vars(args).items() if k not in ("worker", "out", "result", "json", "verbose")}
-    commands = {"lorakit": ["lorakit", *lorakit_command(args, Path(args.work) / "lorakit-r1")]}
-    if "trl" in runs:
         commands["lorakit_import_trl_adapter"] = runs["trl"][0]["import_command"]
-    common.write_json(
-        args.json,
-        {
-            "machine": info,
-            "settings": settings,
-            "command": sys.argv,
-            "data": data,
-            "commands": commands,
-            "results": summary,
-            "runs": runs,
-        },
-    )
-    md = Path(args.json).with_suffix(".md")
-    md.write_text(text)
-    print(f"wrote {md}")
+    summary = [summarize(s, runs[s], data) for s in args.systems]
+    table_ = table(summary, data, args)
+    common.finish(args, info, *table_, summary, notes(summary, data, args), data=data, commands=commands, runs=runs)
 
 
 if __name__ == "__main__":

@@ -7,14 +7,13 @@ script isolates it. Each case is one real projection shape of the benchmarked mo
 alternate, the order rotating every round; the table reports median milliseconds per call and the overhead
 over the bare base, and PEFT's overhead divided by lorakit's.
 
-    python bench/lora_layer.py --quick
+    python bench/lora_layer.py --quick                       # a smoke test: tiny shapes, one round
     python bench/lora_layer.py --markdown --json bench/results/lora_layer.json
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -31,7 +30,7 @@ CASES: dict[str, tuple[int, int, bool, str | None]] = {
     "smollm2 q_proj": (576, 576, False, None),
     "smollm2 v_proj": (576, 192, False, None),
 }
-QUICK = {
+QUICK_CASES = {
     "quick c_attn": (64, 192, True, None),
     "quick c_attn q,v": (64, 192, True, "q,v"),
     "quick q_proj": (64, 64, False, None),
@@ -62,10 +61,8 @@ def systems_for(case: tuple[int, int, bool, str | None], args: argparse.Namespac
     base = Conv1D(n_out, n_in) if conv else nn.Linear(n_in, n_out, bias=False)  # Llama projections have no bias
     base.requires_grad_(False)
     name = "c_attn" if conv else "proj"
-    chosen = None
-    if slices == "q,v":
-        third = n_out // 3
-        chosen = [Slice("q", 0, third), Slice("v", 2 * third, n_out)]
+    third = n_out // 3
+    chosen = [Slice("q", 0, third), Slice("v", 2 * third, n_out)] if slices == "q,v" else None
     ours = LoRALayer(base, rank=args.rank, alpha=args.alpha, dropout=0.0, slices=chosen)
     systems: dict[str, nn.Module] = {"base": base}
     if slices is None:
@@ -74,12 +71,10 @@ def systems_for(case: tuple[int, int, bool, str | None], args: argparse.Namespac
         )
         systems["peft"] = get_peft_model(Holder(name, base), config)
     systems["lorakit"] = ours
-    g = torch.Generator().manual_seed(args.seed + 1)
-    with torch.no_grad():  # non-zero B, the same for both libraries where both run
-        for b in ours.lora_B:
-            b.copy_(torch.randn(b.shape, generator=g) * 0.02)
-        if "peft" in systems:
-            layer = getattr(systems["peft"].base_model.model, name)
+    common.random_B([ours], args.seed + 1)  # non-zero B, the same for both libraries where both run
+    if "peft" in systems:
+        layer = getattr(systems["peft"].base_model.model, name)
+        with torch.no_grad():
             layer.lora_A["default"].weight.copy_(ours.lora_A[0])
             layer.lora_B["default"].weight.copy_(ours.lora_B[0])
     return systems
@@ -106,63 +101,28 @@ def bench_case(label: str, case: tuple[int, int, bool, str | None], args: argpar
         diff = float((calls["peft"]() - calls["lorakit"]()).abs().max())
         if diff > 1e-4:
             raise SystemExit(f"{label}: PEFT and lorakit input gradients differ by {diff:.3g}")
-    times = common.alternate(calls, args.rounds, args.warmup, "cpu", repeat=0, quiet=args.quiet)
+    times = common.alternate(calls, args.rounds, args.warmup, "cpu", args.repeat, args.quiet, args.max_rounds)
     stats = {name: common.summarize(t) for name, t in times.items()}
     base = stats["base"]["median_s"]
-    rows = []
-    for name, s in stats.items():
-        rows.append(
-            {
-                "case": label,
-                "system": name,
-                "median_ms": s["median_s"] * 1000,
-                "spread": s["spread"],
-                "overhead_ms": (s["median_s"] - base) * 1000,
-                "overhead_vs_base": s["median_s"] / base - 1,
-            }
-        )
-    by = {r["system"]: r for r in rows}
-    if "peft" in by and by["lorakit"]["overhead_ms"] > 0:
-        by["lorakit"]["peft_overhead_over_lorakit"] = by["peft"]["overhead_ms"] / by["lorakit"]["overhead_ms"]
-    return rows
+    rows = {
+        name: {
+            "case": label,
+            "system": name,
+            "median_ms": s["median_s"] * 1000,
+            "spread": s["spread"],
+            "overhead_ms": (s["median_s"] - base) * 1000,
+            "overhead_vs_base": s["median_s"] / base - 1,
+        }
+        for name, s in stats.items()
+    }
+    if "peft" in rows and rows["lorakit"]["overhead_ms"] > 0:
+        rows["lorakit"]["peft_overhead_over_lorakit"] = rows["peft"]["overhead_ms"] / rows["lorakit"]["overhead_ms"]
+    return list(rows.values())
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--length", type=int, default=128)
-    p.add_argument("--rank", type=int, default=4)
-    p.add_argument("--alpha", type=float, default=32.0)
-    p.add_argument("--rounds", type=int, default=30, help="quiet timed calls wanted per system")
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--quiet", type=float, help="see layer_speed.py (default: what torch's threads leave free)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--quick", action="store_true", help="tiny shapes, few rounds: a smoke test")
-    p.add_argument("--json", help="write the results here")
-    p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.quiet is None:
-        args.quiet = common.quiet_share()
-    cases = CASES
-    if args.quick:
-        cases, args.rounds, args.warmup = QUICK, 3, 1
-    info = common.machine("cpu")
-    print(f"machine: {common.describe(info)}", flush=True)
-    results = []
-    for label, case in cases.items():
-        results += bench_case(label, case, args)
-    columns = [
-        "projection",
-        "system",
-        "ms per call",
-        "+-",
-        "overhead ms",
-        "overhead / base",
-        "PEFT overhead / lorakit's",
-    ]
+def table(results: list[dict[str, Any]], args: argparse.Namespace) -> tuple[str, list[str], list[list[str]]]:
+    columns = ["projection", "system", "ms per call", "+-", "overhead ms", "overhead / base"]
+    columns += ["PEFT overhead / lorakit's"]
     rows = [
         [
             r["case"],
@@ -179,10 +139,21 @@ def main(argv: list[str] | None = None) -> None:
         f"One frozen projection + LoRA r={args.rank}: forward and backward (to the input and A/B), "
         f"{args.batch} x {args.length} tokens, fp32; median over {args.rounds} alternating rounds, +- half the IQR"
     )
-    common.print_table(title, columns, rows, markdown=args.markdown)
-    print(f"machine: {common.describe(info)}")
-    settings = {k: v for k, v in vars(args).items() if k not in ("json", "markdown")}
-    common.write_json(args.json, {"machine": info, "settings": settings, "command": sys.argv, "results": results})
+    return title, columns, rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = common.parser(__doc__)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--length", type=int, default=128)
+    common.lora_args(p, targets=False)
+    common.timing_args(p, rounds=30, warmup=5, repeat=0)
+    args = common.parse(p, argv, quick=dict(common.QUICK_TIMING, batch=2, length=16))
+    info = common.start(args)
+    results = []
+    for label, case in (QUICK_CASES if args.quick else CASES).items():
+        results += bench_case(label, case, args)
+    common.finish(args, info, *table(results, args), results)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,18 @@
 """Peak memory of `lorakit train`: the `--dry-run` estimate against a measurement, per model and setting.
 
-Each configuration trains in a fresh child process, through the real `loop.train`, on rows of random
-words cut to exactly `--seq` tokens (so every micro-batch is `--batch` x `--seq` with no padding and a label at
-every position). What is compared:
+Each configuration trains in a fresh child process, through the real `lorakit.training.loop.train`, on rows of
+random words cut to exactly `--seq` tokens (so every micro-batch is `--batch` x `--seq` with no padding and a
+label at every position). What is compared:
 
 - estimate: `MemoryEstimate.peak_bytes` (or `peak_bytes_checkpointed` with gradient checkpointing) from
-  `lorakit.training.memory.dry_run_estimate` for the same configuration: weights + LoRA parameters, gradients and AdamW
-  moments + activations kept for the backward pass + logits (and their softmax and gradient).
+  `lorakit.training.memory.dry_run_estimate` for the same configuration: weights + LoRA parameters, gradients and
+  AdamW moments + activations kept for the backward pass + logits (and their softmax and gradient).
 - measured, CPU: (peak RSS over the training steps) - (RSS once torch, transformers and lorakit are imported,
   before the tokenizer, data and model load). The resident-set high-water mark is reset (/proc/self/clear_refs)
-  when the first step starts, so the transient peak of reading the checkpoint does not count, while everything
-  that stays resident (weights, allocator caches, the tokenizer) does. `static` is the RSS at that moment
-  minus the same baseline, once every weight has been read (a memory-mapped checkpoint is paged in by the first
-  forward otherwise); `steps` = measured - static is what the steps add (estimate: everything but weights).
+  when the first step's forward starts, so the transient peak of reading the checkpoint does not count, while
+  everything that stays resident (weights, allocator caches, the tokenizer) does. `static` is the RSS at that
+  moment minus the same baseline, once every weight has been read (a memory-mapped checkpoint is paged in by the
+  first forward otherwise); `steps` = measured - static is what the steps add (estimate: everything but weights).
 - measured, CUDA: torch.cuda.max_memory_allocated over the steps, and memory_allocated when they start.
 
 On CPU each configuration runs twice: with glibc's default allocator settings (what a user sees), and with
@@ -21,22 +21,17 @@ once, so that the RSS follows the live tensors. The default setting raises its m
 are freed and then keeps freed transient buffers (activation intermediates, logits) in the heap: the difference
 between the two columns is that retention, not tensors the estimate forgot.
 
-    python bench/memory.py                       # tiny Llama and the packaged SmolLM2-135M, checkpointing off/on
-    python bench/memory.py --models tiny --quick # a smoke test
-    python bench/memory.py --json bench/memory.json --markdown
+    python bench/memory.py --quick                           # a smoke test: the tiny model, batch 2 x 64
+    python bench/memory.py --markdown --json bench/results/memory.json
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
-import os
 import random
-import sys
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,25 +53,6 @@ TINY_LLAMA = dict(
 )
 DEFAULTS = {"tiny": dict(batch=8, seq=256), "smollm2": dict(batch=4, seq=256)}
 MALLOC = {"returned": {"MALLOC_MMAP_THRESHOLD_": "131072"}, "default": {"MALLOC_MMAP_THRESHOLD_": None}}
-
-
-@contextlib.contextmanager
-def environment(values: dict[str, str | None]) -> Iterator[None]:
-    """Environment variables set (None: removed) for the children started inside the block."""
-    saved = {k: os.environ.get(k) for k in values}
-    _set_environment(values)
-    try:
-        yield
-    finally:
-        _set_environment(saved)
-
-
-def _set_environment(values: dict[str, str | None]) -> None:
-    for key, value in values.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
 
 
 def save_tiny(folder: Path, seed: int) -> Path:
@@ -111,27 +87,18 @@ def write_rows(path: Path, model: str, rows: int, seq: int, seed: int) -> Path:
     return path
 
 
-def vm(key: str) -> int:
-    """A /proc/self/status value (VmRSS, VmHWM) in bytes."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {key} in /proc/self/status")
-
-
 def child(spec: dict[str, Any]) -> dict[str, Any]:
     """Train `spec['steps']` steps in this (fresh) process; measure as the module docstring says."""
     import torch
 
-    import lorakit.training.loop as loop
     from lorakit.models import PACKAGED
     from lorakit.training.config import build_config
-    from lorakit.training.data import read_rows
+    from lorakit.training.data import DataSpec, read_rows
+    from lorakit.training.loop import train
     from lorakit.training.memory import dry_run_estimate
 
     torch.set_num_threads(spec["threads"])
-    cuda = torch.cuda.is_available()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     model = PACKAGED if spec["model"] == "smollm2" else spec["folder"]
     values = dict(model=model, data=spec["data"], out=spec["out"], overwrite=True)
     options = dict(
@@ -147,112 +114,82 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     # Code is not data: import what the run will import (the model's modeling module through the meta model of
     # the estimate, the data readers through a first read of the rows) before the baseline is taken.
     est = dry_run_estimate(cfg)
-    read_rows(loop.data_spec(cfg, cfg.data, cfg.split, cfg.limit), task=cfg.task)
+    read_rows(DataSpec(source=cfg.data), task=cfg.task)
     import rich.progress  # noqa: F401  (the progress bar)
 
     gc.collect()
-    baseline = 0 if cuda else vm("VmRSS")
-    marks: dict[str, Any] = {}
-    real_add_lora, real_lr_at, real_write = loop.add_lora, loop.lr_at, loop.MetricsLog.write
+    baseline = 0.0 if device == "cuda" else common.current_memory_mb(device)
+    marks: dict[str, float] = {}
 
-    def add_lora(model: Any, *args: Any, **kwargs: Any) -> Any:
-        marks["model"] = model
-        return real_add_lora(model, *args, **kwargs)
+    def first_forward(module: torch.nn.Module, _inputs: Any) -> None:
+        """The first step's forward starts: everything is loaded. Take `static` and reset the peak."""
+        hook.remove()
+        with torch.no_grad():  # read every weight: pages of a memory-mapped checkpoint become resident now
+            for param in module.parameters():
+                param.sum()
+        marks["static"] = common.current_memory_mb(device)
+        common.reset_peak_memory(device)
 
-    def lr_at(step: int, *args: Any) -> float:
-        if "static" not in marks:  # the first step starts: everything is loaded
-            with torch.no_grad():  # read every weight: pages of a memory-mapped checkpoint become resident now
-                for param in marks["model"].parameters():
-                    param.sum()
-            marks["static"] = torch.cuda.memory_allocated() if cuda else vm("VmRSS")
-            if cuda:
-                torch.cuda.reset_peak_memory_stats()
-            else:
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")  # reset the high-water mark (Linux >= 4.0)
-        return real_lr_at(step, *args)
+    def loop_end() -> None:
+        marks["peak"] = common.peak_memory_mb(device)
 
-    def write(self: Any, record: dict[str, Any]) -> None:  # after every step: the peak so far
-        marks["peak"] = torch.cuda.max_memory_allocated() if cuda else vm("VmHWM")
-        marks["tokens_per_s"] = record["tokens_per_s"]  # the last step's (the first one pays for first touches)
-        real_write(self, record)
-
-    loop.add_lora, loop.lr_at, loop.MetricsLog.write = add_lora, lr_at, write
-    result = loop.train(cfg)
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(first_forward)
+    console = common.loop_console(on_start=lambda: None, on_end=loop_end)
+    result = train(cfg, console=console)
+    if console.loops != 1 or "static" not in marks:
+        raise SystemExit(f"expected one training loop with forwards, saw {console.loops} live displays, {marks}")
+    records = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
     estimate = est.peak_bytes_checkpointed if spec["checkpointing"] else est.peak_bytes
     return {
         **{k: spec[k] for k in ("model", "batch", "seq", "steps", "targets", "rank", "checkpointing")},
-        "device": "cuda" if cuda else "cpu",
+        "device": device,
         "estimate_mb": estimate / 2**20,
         "estimate_parts_mb": {k: v / 2**20 for k, v in est.to_json().items() if "bytes" in k},
-        "measured_mb": (marks["peak"] - baseline) / 2**20,
-        "static_mb": (marks["static"] - baseline) / 2**20,
-        "steps_mb": (marks["peak"] - marks["static"]) / 2**20,
-        "baseline_mb": baseline / 2**20,
-        "tokens_per_s": marks["tokens_per_s"],
+        "measured_mb": marks["peak"] - baseline,
+        "static_mb": marks["static"] - baseline,
+        "steps_mb": marks["peak"] - marks["static"],
+        "baseline_mb": baseline,
+        "tokens_per_s": [r for r in records if "tokens_per_s" in r][-1]["tokens_per_s"],  # the first step pays more
         "trainable_params": result.trainable_params,
         "tokens_per_step": spec["batch"] * spec["seq"],
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default="tiny,smollm2", help="comma-separated: tiny, smollm2")
-    p.add_argument("--batch", type=int, help="micro-batch (default: 8 for tiny, 4 for smollm2)")
-    p.add_argument("--seq", type=int, help="tokens per example (default: 256)")
-    p.add_argument("--steps", type=int, default=2, help="optimizer steps (the AdamW moments exist from step 2)")
-    p.add_argument("--targets", default="q,v")
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--checkpointing", default="off,on", help="gradient checkpointing settings to run: off, on")
-    p.add_argument("--threads", type=int, default=1, help="torch threads in each child")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="batch 2 x 64 tokens, checkpointing off: a smoke test")
-    p.add_argument("--json", help="write the results here")
-    p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
-    p.add_argument("--child", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.child:
-        print(json.dumps(child(json.loads(args.child))))
-        return
-    if args.quick:
-        args.batch, args.seq, args.checkpointing = 2, 64, "off"
-
-    info = common.machine("cpu")
-    print(f"machine: {common.describe(info)}", flush=True)
+def measure(folder: Path, args: Any) -> list[dict[str, Any]]:
     results = []
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        for model in args.models.split(","):
-            if model not in DEFAULTS:
-                raise SystemExit(f"unknown model {model!r}; expected tiny or smollm2")
-            batch = args.batch or DEFAULTS[model]["batch"]
-            seq = args.seq or DEFAULTS[model]["seq"]
-            model_dir = save_tiny(folder / "tiny", args.seed) if model == "tiny" else None
-            data = write_rows(folder / f"{model}.jsonl", model, batch * args.steps, seq, args.seed)
-            for setting in args.checkpointing.split(","):
-                spec = dict(
-                    model=model, folder=str(model_dir), data=str(data), out=str(folder / "run"), batch=batch,
-                    seq=seq, steps=args.steps, targets=args.targets, rank=args.rank, checkpointing=setting == "on",
-                    threads=args.threads,
-                )  # fmt: skip
-                pair = {}
-                for malloc in MALLOC:
-                    with environment(MALLOC[malloc]):
-                        pair[malloc] = common.run_child(__file__, ["--child", json.dumps(spec)])
-                    print(
-                        f"  {model}, checkpointing {setting}, malloc {malloc}: estimate "
-                        f"{pair[malloc]['estimate_mb']:.0f} MiB, measured {pair[malloc]['measured_mb']:.0f} MiB",
-                        flush=True,
-                    )
-                default = {f"{k}_default": v for k, v in pair["default"].items() if k.endswith(("_mb", "_per_s"))}
-                results.append({**pair["returned"], **default})
+    for model in args.models.split(","):
+        if model not in DEFAULTS:
+            raise SystemExit(f"unknown model {model!r}; expected tiny or smollm2")
+        batch = args.batch or DEFAULTS[model]["batch"]
+        seq = args.seq or DEFAULTS[model]["seq"]
+        model_dir = save_tiny(folder / "tiny", args.seed) if model == "tiny" else None
+        data = write_rows(folder / f"{model}.jsonl", model, batch * args.steps, seq, args.seed)
+        for setting in args.checkpointing.split(","):
+            spec = dict(
+                model=model, folder=str(model_dir), data=str(data), out=str(folder / "run"), batch=batch,
+                seq=seq, steps=args.steps, targets=args.targets, rank=args.rank, checkpointing=setting == "on",
+                threads=args.threads,
+            )  # fmt: skip
+            pair = {}
+            for malloc, environment in MALLOC.items():
+                pair[malloc] = common.run_child(__file__, ["--child", json.dumps(spec)], environment)
+                print(
+                    f"  {model}, checkpointing {setting}, malloc {malloc}: estimate "
+                    f"{pair[malloc]['estimate_mb']:.0f} MiB, measured {pair[malloc]['measured_mb']:.0f} MiB",
+                    flush=True,
+                )
+            default = {f"{k}_default": v for k, v in pair["default"].items() if k.endswith(("_mb", "_per_s"))}
+            results.append({**pair["returned"], **default})
+    return results
 
+
+def table(results: list[dict[str, Any]], args: Any) -> tuple[str, list[str], list[list[str]]]:
     columns = ["model", "batch x seq", "checkpointing", "estimate MiB", "measured MiB", "/ estimate"]
     columns += ["glibc default MiB", "/ estimate", "static MiB (est. weights)", "steps MiB (est. the rest)"]
     columns += ["tokens/s (glibc default)"]
     rows = []
     for r in results:
-        parts, estimate = r["estimate_parts_mb"], r["estimate_mb"]
+        weights, estimate = r["estimate_parts_mb"]["weights_bytes"], r["estimate_mb"]
         rows.append(
             [
                 r["model"],
@@ -263,18 +200,33 @@ def main(argv: list[str] | None = None) -> None:
                 f"{r['measured_mb'] / estimate:.2f}",
                 f"{r['measured_mb_default']:.0f}",
                 f"{r['measured_mb_default'] / estimate:.2f}",
-                f"{r['static_mb']:.0f} ({parts['weights_bytes']:.0f})",
-                f"{r['steps_mb']:.0f} ({estimate - parts['weights_bytes']:.0f})",
+                f"{r['static_mb']:.0f} ({weights:.0f})",
+                f"{r['steps_mb']:.0f} ({estimate - weights:.0f})",
                 f"{r['tokens_per_s']:.0f} ({r['tokens_per_s_default']:.0f})",
             ]
         )
-    title = f"lorakit train peak memory, {args.targets} r={args.rank}, fp32, {args.steps} steps"
-    common.print_table(title, columns, rows, args.markdown)
-    print("measured: freed memory returned to the OS (MALLOC_MMAP_THRESHOLD_=131072); glibc default: as a user runs")
-    print(f"machine: {common.describe(info)}")
-    settings = {k: v for k, v in vars(args).items() if k not in ("child", "json", "markdown")}
-    settings["tiny_llama"] = TINY_LLAMA
-    common.write_json(args.json, {"machine": info, "settings": settings, "command": sys.argv, "results": results})
+    return f"lorakit train peak memory, {args.targets} r={args.rank}, fp32, {args.steps} steps", columns, rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = common.parser(__doc__, threads=None)
+    p.add_argument("--models", default="tiny,smollm2", help="comma-separated: tiny, smollm2")
+    p.add_argument("--batch", type=int, help="micro-batch (default: 8 for tiny, 4 for smollm2)")
+    p.add_argument("--seq", type=int, help="tokens per example (default: 256)")
+    p.add_argument("--steps", type=int, default=2, help="optimizer steps (the AdamW moments exist from step 2)")
+    common.lora_args(p, alpha=False, rank=8)
+    p.add_argument("--checkpointing", default="off,on", help="gradient checkpointing settings to run: off, on")
+    p.add_argument("--threads", type=int, default=1, help="torch threads in each child")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = common.parse(p, argv, quick=dict(models="tiny", batch=2, seq=64, checkpointing="off"))
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return
+    info = common.start(args, threads=False)  # --threads is the children's
+    with tempfile.TemporaryDirectory() as tmp:
+        results = measure(Path(tmp), args)
+    note = "measured: freed memory returned to the OS (MALLOC_MMAP_THRESHOLD_=131072); glibc default: as a user runs"
+    common.finish(args, info, *table(results, args), results, notes=[note], tiny_llama=TINY_LLAMA)
 
 
 if __name__ == "__main__":
