@@ -111,7 +111,7 @@ def lorakit_batches(encoded: Any, cfg: Any) -> list[list[int]]:
     """The example indices of each batch of lorakit's first epoch."""
     from lorakit.training.data import batch_order
 
-    return batch_order(encoded.lengths, cfg.batch_size, cfg.seed, 0)
+    return batch_order([len(e.input_ids) for e in encoded.examples], cfg.batch_size, cfg.seed, 0)
 
 
 def padded_tokens(lengths: list[int], batches: list[list[int]]) -> int:
@@ -535,7 +535,7 @@ def dataset_facts(args: argparse.Namespace) -> dict[str, Any]:
     """What both systems train on: example count, real tokens, lorakit's padded tokens."""
     cfg = lorakit_config(args)
     encoded = lorakit_encoding(cfg)
-    lengths = encoded.lengths
+    lengths = [len(e.input_ids) for e in encoded.examples]
     return {
         "rows": args.rows,
         "examples": len(encoded.examples),

@@ -291,7 +291,10 @@ def evaluate_adapters(
     from ..models import PACKAGED, check_task, context_length, load_base, load_config, load_tokenizer, recorded_base
 
     loaded = [read_adapter(a) for a in adapters]  # every file checked before the model loads
-    rows = read_rows(spec, task=task)
+    heads = {int(a.metadata["num_labels"]) for a in loaded if "num_labels" in a.metadata}
+    if task == "classification" and len(heads) > 1:
+        raise LorakitError(f"the adapters have heads of {sorted(heads)} classes; evaluate one head size at a time")
+    rows = read_rows(spec, task=task, num_labels=next(iter(heads), None) if task == "classification" else None)
     source = model or next((recorded_base(a.path, a.base_model) for a in loaded if a.base_model), None)
     tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
     config = load_config(source, trust_remote_code=trust_remote_code)
@@ -308,7 +311,7 @@ def evaluate_adapters(
         source,
         task=task if task == "classification" else None,  # causal LMs: the class they were saved as
         trust_remote_code=trust_remote_code,
-        num_labels=encoded.num_labels if task == "classification" else None,
+        num_labels=(next(iter(heads), None) or encoded.num_labels) if task == "classification" else None,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         allow_pickle=allow_pickle,
     )

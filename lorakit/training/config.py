@@ -238,6 +238,8 @@ def _check_values(cfg: TrainConfig) -> list[str]:
     need("seed", 0 <= cfg.seed < SEED_LIMIT, "0 or more and below 2**63")
     if cfg.layers is not None:
         need("layers", bool(cfg.layers) and min(cfg.layers) >= 0, "a non-empty list of block indices (0 or more)")
+    if cfg.num_labels is not None and cfg.task != "classification":
+        problems.append(f"num_labels: only for task classification, got task {cfg.task}")
     if cfg.resume and cfg.overwrite:
         problems.append("resume and overwrite: choose one")
     return problems

@@ -195,12 +195,13 @@ def setup(cfg: TrainConfig, world: World, out: Path, console: Any) -> Run:
 
 def read_data(cfg: TrainConfig) -> tuple[Rows, Rows | None]:
     """The training rows and the evaluation rows (labels mapped to the training ids), read and checked."""
-    rows = read_rows(cfg.data_spec("train"), task=cfg.task)
+    rows = read_rows(cfg.data_spec("train"), task=cfg.task, num_labels=cfg.num_labels)
     if cfg.task == "classification" and cfg.num_labels is not None and cfg.num_labels < rows.num_labels:
         raise LorakitError(f"--num-labels {cfg.num_labels}: {cfg.data} has {rows.num_labels} classes")
     if not cfg.eval_data:
         return rows, None
-    return rows, read_rows(cfg.data_spec("eval"), task=cfg.task, label_names=rows.label_names)
+    classes = (cfg.num_labels or rows.num_labels) if cfg.task == "classification" else None
+    return rows, read_rows(cfg.data_spec("eval"), task=cfg.task, label_names=rows.label_names, num_labels=classes)
 
 
 def capped_max_length(max_length: int, positions: int | None, console: Any) -> int:

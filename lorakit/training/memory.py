@@ -272,4 +272,4 @@ def _data_num_labels(cfg: Any) -> int | None:
         return None
     from .data import read_rows
 
-    return read_rows(cfg.data_spec("train"), task=cfg.task).num_labels
+    return read_rows(cfg.data_spec("train"), task=cfg.task, num_labels=cfg.num_labels).num_labels
