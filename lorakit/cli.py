@@ -482,13 +482,14 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
 ) -> None:
     """Show what an adapter holds: modules, ranks, sizes, update norms, metadata."""
-    from .lora.inspect import inspect_adapter, print_report
+    from .lora.inspect import inspect_adapter
+    from .report import print_inspect_report
 
     report = inspect_adapter(adapter, svd=svd, compare=compare)
     if as_json:
         sys.stdout.write(json.dumps(report, indent=2, allow_nan=False) + "\n")
     else:
-        print_report(report, _console())
+        print_inspect_report(report, _console())
 
 
 def main() -> None:

@@ -49,7 +49,7 @@ def bleu(predictions: list[str], references: list[list[str]]) -> float:
     Returns:
         BLEU in [0, 100].
     """
-    from sacrebleu.metrics import BLEU  # ~0.15 s to import: only when BLEU is asked for
+    from sacrebleu.metrics import BLEU  # imported only when BLEU is asked for (slow to import)
 
     scorer = BLEU(lowercase=True, tokenize="13a", smooth_method="floor", smooth_value=BLEU_ZERO_MATCHES)
     return float(scorer.corpus_score(predictions, reference_streams(references)).score)

@@ -30,8 +30,9 @@ from torch import nn
 from .. import __version__
 from ..errors import LorakitError
 from ..files import write_atomic
+from .base import linear_at
 from .fingerprint import combine_digests, digest_algorithm, sketches_match
-from .layer import LoRALayer, Slice, base_shape, is_linear_like
+from .layer import LoRALayer, Slice
 from .targets import Target
 from .wrap import lora_layers, target_of, unmerge_adapter, unwrap, wrap_targets
 
@@ -522,19 +523,7 @@ def apply_adapter(model: nn.Module, adapter: Adapter, verify_base: bool = True) 
     if not existing:
         targets = []
         for info in adapter.modules:
-            try:
-                module = model.get_submodule(info.path)
-            except AttributeError:
-                raise LorakitError(
-                    f"{adapter.path}: module {info.path} not found in this model; adapter for another architecture?"
-                ) from None
-            if not is_linear_like(module):
-                raise LorakitError(f"{adapter.path}: {info.path} is a {type(module).__name__} here, not a linear layer")
-            if base_shape(module) != (info.in_features, info.out_features):
-                raise LorakitError(
-                    f"{adapter.path}: {info.path} is {base_shape(module)} (in, out) here, "
-                    f"the adapter expects {(info.in_features, info.out_features)}; adapter for another base"
-                )
+            linear_at(model, info.path, (info.in_features, info.out_features), str(adapter.path))
             targets.append((info, Target(info.path, None if info.slices is None else tuple(info.slices))))
         model.requires_grad_(False)
         for info, target in targets:

@@ -51,3 +51,21 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     if scb is None:
         raise LorakitError(f"cannot read the quantized weight of {type(module).__name__} (no SCB scales)")
     return weight.detach().float() * (scb.float().unsqueeze(1) / 127.0)  # row-wise absmax int8
+
+
+def linear_at(model: nn.Module, path: str, shape: tuple[int, int], where: str) -> nn.Module:
+    """The linear-like module at `path` that an adapter's (in, out) `shape` fits; otherwise one error naming
+    `where` (the adapter file) and what differs: another architecture or another base."""
+    try:
+        module = model.get_submodule(path)
+    except AttributeError:
+        message = f"{where}: module {path} not found in this model; adapter for another architecture?"
+        raise LorakitError(message) from None
+    if not is_linear_like(module):
+        raise LorakitError(f"{where}: {path} is a {type(module).__name__} here, not a linear layer")
+    if base_shape(module) != tuple(shape):
+        raise LorakitError(
+            f"{where}: {path} is {base_shape(module)} (in, out) here, the adapter expects {tuple(shape)}; "
+            "adapter for another base?"
+        )
+    return module

@@ -13,17 +13,11 @@ import os
 from typing import Any
 
 import torch
-from rich.console import Console
-from rich.filesize import decimal
-from rich.markup import escape
-from rich.panel import Panel
-from rich.table import Table
 
 from ..errors import LorakitError
 from .adapter import Adapter, ModuleInfo, read_adapter
 from .layer import Slice
 
-TOP_SINGULAR_VALUES = 4  # how many singular values the table shows per module
 Pair = tuple[str, ModuleInfo, Slice | None]  # one A/B pair: tensor-name prefix, its module, its slice
 
 
@@ -170,109 +164,8 @@ def inspect_adapter(
     return report
 
 
-def _shape(module: dict[str, Any]) -> str:
-    """`in×out`, plus the slice as `q [0:1024)` for a fused projection."""
-    shape = f"{module['in_features']}×{module['out_features']}"
-    if module["slice"] is None:
-        return shape
-    start, stop = module["slice"]
-    part = module["name"][len(module["path"]) + 1 :]
-    return f"{shape} {part} [{start}:{stop})"
-
-
-def _modules_table(report: dict[str, Any]) -> Table:
-    modules = report["modules"]
-    with_svd = bool(modules) and "singular_values" in modules[0]
-    table = Table(title=escape(report["file"]), show_footer=True)
-    # On a narrow terminal module paths fold and shapes wrap; the numbers never do.
-    table.add_column("module", footer="total", overflow="fold")
-    table.add_column("in×out")
-    for label in ("r", "α", "α/r"):
-        table.add_column(label, justify="right", no_wrap=True)
-    table.add_column("params", justify="right", footer=f"{report['trainable_params']:,}", no_wrap=True)
-    table.add_column("bytes", justify="right", footer=f"{report['tensor_bytes']:,}", no_wrap=True)
-    table.add_column("‖ΔW‖", justify="right", no_wrap=True)
-    if with_svd:
-        table.add_column(f"top σ (of {report['rank']})")
-        table.add_column("eff. rank", justify="right")
-    for m in modules:
-        row = [
-            escape(m["name"]),
-            escape(_shape(m)),
-            str(m["rank"]),
-            f"{m['alpha']:g}",
-            f"{m['scaling']:.4g}",
-            f"{m['params']:,}",
-            f"{m['bytes']:,}",
-            f"{m['update_norm']:.4g}",
-        ]
-        if with_svd:
-            row.append(" ".join(f"{s:.3g}" for s in m["singular_values"][:TOP_SINGULAR_VALUES]))
-            row.append(f"{m['effective_rank']:.2f}")
-        table.add_row(*row)
-    return table
-
-
-def _metadata_panel(report: dict[str, Any]) -> Panel:
-    scaling = report["alpha"] / report["rank"]
-    grid = Table.grid(padding=(0, 2))
-    grid.add_column(style="bold")
-    grid.add_column()
-    rows = [
-        ("trainable parameters", f"{report['trainable_params']:,}"),
-        ("file size", f"{report['file_bytes']:,} bytes ({decimal(report['file_bytes'])})"),
-        ("header", f"{report['header_bytes']:,} bytes (metadata; tensors {report['tensor_bytes']:,} bytes)"),
-        ("rank / alpha", f"{report['rank']} / {report['alpha']:g} (scaling {scaling:.4g})"),
-        ("targets", report["targets"] or "-"),
-        ("dropout", f"{report['dropout']:g}"),
-        ("base model", report["base_model"] or "-"),
-        ("base class", report["base_class"] or "-"),
-        ("base fingerprint", report["base_fingerprint"] or "-"),
-        ("base dtype", report["base_dtype"] or "-"),
-        ("lorakit / format", f"{report['lorakit_version'] or '?'} / {report['format_version']}"),
-    ]
-    for key, value in rows:
-        grid.add_row(key, escape(str(value)))
-    return Panel(grid, title="adapter", expand=False)
-
-
-def _compare_table(report: dict[str, Any]) -> Table:
-    compare = report["compare"]
-    table = Table(title=f"subspace similarity φ of A: {escape(report['file'])} vs {escape(compare['other'])}")
-    table.add_column("module", overflow="fold", min_width=12)
-    table.add_column("rank", justify="right")
-    table.add_column("other rank", justify="right")
-    table.add_column("φ top (1, 1)", justify="right")
-    table.add_column("φ (m, m), m = min rank", justify="right")
-    for m in compare["modules"]:
-        phis = f"{m['phi_top']:.3f}", f"{m['phi']:.3f}"
-        table.add_row(escape(m["name"]), str(m["rank"]), str(m["other_rank"]), *phis)
-    return table
-
-
-def print_report(report: dict[str, Any], console: Console) -> None:
-    """Print an inspect_adapter report as rich tables.
-
-    Args:
-        report: what inspect_adapter returned.
-        console: where to print.
-    """
-    console.print(_modules_table(report))
-    console.print(_metadata_panel(report))
-    if "compare" not in report:
-        return
-    compare = report["compare"]
-    console.print(_compare_table(report))
-    if not compare["modules"]:
-        console.print("no module is adapted in both files")
-    for where, names in ((report["file"], compare["only_here"]), (compare["other"], compare["only_other"])):
-        if names:
-            console.print(f"only in {escape(where)}: {escape(', '.join(names))}")
-
-
 __all__ = [
     "inspect_adapter",
-    "print_report",
     "update_singular_values",
     "effective_rank",
     "subspace_similarity",

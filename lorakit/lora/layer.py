@@ -34,7 +34,7 @@ class Slice:
 
 
 def all_finite(t: torch.Tensor) -> bool:
-    """No inf or NaN in `t`. A float32 sum is finite when every element is (inf and NaN propagate) and ~30x
+    """No inf or NaN in `t`. A float32 sum is finite when every element is (inf and NaN propagate) and far
     cheaper than an elementwise test; only a sum that overflows needs the elementwise confirmation."""
     return bool(torch.isfinite(t.sum(dtype=torch.float32))) or bool(torch.isfinite(t).all())
 
@@ -43,10 +43,10 @@ def _low_rank_grads(g: torch.Tensor, b: torch.Tensor, low: torch.Tensor) -> tupl
     """`(g B)^T` (r, tokens) and `(g^T low)^T` (r, out): the backward's two products of the output gradient g
     (tokens, out) with the r-wide B (out, r) and low-rank activations `low` (tokens, r).
 
-    Each is formed with r rows rather than r columns: at r = 4 the CPU's GEMM runs `g @ B`, (tokens, out) x
-    (out, r), ~3x slower than the same numbers as (r, out) x (out, tokens), and likewise `g^T @ low` against
-    (r, tokens) x (tokens, out) (SmolLM2 q_proj, 512 tokens: 0.15 and 0.17 ms against 0.06 ms each). Callers
-    transpose the results back as they need them.
+    Each is formed with r rows rather than r columns: at small r the CPU's GEMM runs `g @ B`, (tokens, out) x
+    (out, r), several times slower than the same numbers as (r, out) x (out, tokens), and likewise `g^T @ low`
+    against (r, tokens) x (tokens, out) (bench/layer_speed.py measures it). Callers transpose the results back
+    as they need them.
     """
     return b.t() @ g.t(), low.t() @ g
 
@@ -56,7 +56,7 @@ class _AddLowRankToSlices(torch.autograd.Function):
     other columns copied bit for bit.
 
     Autograd over `out[..., start:stop] += F.linear(a_i, B_i)` costs more twice over: its backward (CopySlices)
-    copies the whole gradient once per slice (a q,v layer's step was ~1.4x one adapting the whole `c_attn`), and
+    copies the whole gradient once per slice (a q,v layer's step cost more than one adapting all of `c_attn`), and
     each (..., out_slice) product is written out before it is added. Here one addmm per slice accumulates the
     product straight into the output, and the backward reads the gradient's slices as views. With mixed dtypes
     (autocast, a bf16 base) each product is formed in the dtype F.linear would use, then cast and added.
@@ -98,12 +98,13 @@ class _LoRALinear(torch.autograd.Function):
     """A frozen dense base plus its low-rank updates, `y = base(x) + scaling * (h A_i^T) B_i^T` on each output
     range i (h: the LoRA input, `x` itself or its dropout), with the backward written by hand.
 
-    What autograd over the same ops would do, with less memory traffic (~half the LoRA overhead of a training step
-    on a CPU): the products go straight into the base output (addmm), and the input gradient `g W + (g B) A`
+    What autograd over the same ops would do, with less memory traffic: the products go straight into the base
+    output (addmm), and the input gradient `g W + (g B) A`
     is formed in one buffer instead of two that autograd then adds; the r-wide products with the gradient are
     formed as `_low_rank_grads` forms them. Only for plain nn.Linear / Conv1D bases with frozen weights, one
     dtype throughout and no autocast (`LoRALayer._fusable`); equal to autograd over the same ops up to float
-    rounding of the summation order (the forward output is bit-identical).
+    rounding. The forward adds `scaling * low @ B^T` in one addmm: bit-identical to autograd's separate multiply
+    and add only when scaling (alpha/r) is a power of two, which multiplies exactly; otherwise within one rounding.
     """
 
     @staticmethod

@@ -170,76 +170,66 @@ def resolve_targets(model: nn.Module, targets: str | list[str], layers: list[int
     all_named = {n: m for n, m in model.named_modules() if is_linear_like(m) and n}
     chosen: dict[str, set[int] | None] = {}  # path -> slice parts (None: whole module)
     parts_of: dict[str, int] = {}
-
-    def add(path: str, alias: Alias | None) -> None:
-        if alias is None or alias.part is None:
-            chosen[path] = None
-            return
-        if path in chosen and chosen[path] is None:
-            return
-        chosen.setdefault(path, set()).add(alias.part)
-        parts_of[path] = alias.parts
-
     for token in tokens:
-        matched = False
-        if token.startswith("re:"):
-            try:
-                pattern = re.compile(token[3:])
-            except re.error as e:
-                raise LorakitError(f"invalid regex in targets {token!r}: {e}") from None
-            for path in all_named:
-                if pattern.fullmatch(path):
-                    add(path, None)
-                    matched = True
-        elif token == "all-linear":
-            for path in candidates:
-                if layer_index(path) is not None:  # inside the transformer blocks: no heads, no pooler
-                    add(path, None)
-                    matched = True
-        elif token in table:
-            for alias in table[token]:
-                for path in candidates:
-                    if _suffix_matches(path, alias.suffix):
-                        add(path, alias)
-                        matched = True
-        elif token in ALIASES:
-            raise LorakitError(
-                f"target alias {token!r} is not defined for model type {model_type!r}; "
-                f"name modules by suffix instead (linear modules here: {_short_names(all_named)})"
-            )
-        else:
-            for path in all_named:
-                if path == token or path.endswith("." + token):
-                    add(path, None)
-                    matched = True
-        if not matched:
+        matches = _token_matches(token, table, candidates, all_named, model_type)
+        if not matches:
             raise LorakitError(f"no module matched {token!r}; linear modules here: {_short_names(all_named)}")
-
-    result = []
-    for path in all_named:  # model order
-        if path not in chosen:
-            continue
-        if layers is not None and layer_index(path) not in set(layers):
-            continue
-        module = all_named[path]
-        tied = _tied_elsewhere(model, path, module)
-        if tied is not None:
-            raise LorakitError(f"{path} shares its weight with {tied} (tied embeddings); adapting it would change both")
-        parts = chosen[path]
-        slices = None
-        if parts is not None:
-            _, out_features = base_shape(module)
-            n = parts_of[path]
-            if out_features % n:
-                raise LorakitError(f"{path}: output size {out_features} does not split into {n} equal parts")
-            size = out_features // n
-            slices = tuple(
-                Slice(_SLICE_NAMES[p] if n == 3 else f"part{p}", p * size, (p + 1) * size) for p in sorted(parts)
-            )
-        result.append(Target(path, slices))
+        for path, alias in matches:
+            if alias is None or alias.part is None:
+                chosen[path] = None
+            elif path not in chosen or chosen[path] is not None:
+                chosen.setdefault(path, set()).add(alias.part)
+                parts_of[path] = alias.parts
+    wanted = None if layers is None else set(layers)
+    result = [
+        _target(model, path, module, chosen[path], parts_of.get(path, 1))
+        for path, module in all_named.items()  # model order
+        if path in chosen and (wanted is None or layer_index(path) in wanted)
+    ]
     if not result:
         raise LorakitError(f"no module in layers {layers} matched {','.join(tokens)!r}")
     return result
+
+
+def _token_matches(
+    token: str,
+    table: dict[str, list[Alias]],
+    candidates: dict[str, nn.Module],
+    all_named: dict[str, nn.Module],
+    model_type: str | None,
+) -> list[tuple[str, Alias | None]]:
+    """The module paths one targets token names, each with its alias (None: the whole module)."""
+    if token.startswith("re:"):
+        try:
+            pattern = re.compile(token[3:])
+        except re.error as e:
+            raise LorakitError(f"invalid regex in targets {token!r}: {e}") from None
+        return [(path, None) for path in all_named if pattern.fullmatch(path)]
+    if token == "all-linear":  # inside the transformer blocks: no heads, no pooler
+        return [(path, None) for path in candidates if layer_index(path) is not None]
+    if token in table:
+        return [(p, alias) for alias in table[token] for p in candidates if _suffix_matches(p, alias.suffix)]
+    if token in ALIASES:
+        raise LorakitError(
+            f"target alias {token!r} is not defined for model type {model_type!r}; "
+            f"name modules by suffix instead (linear modules here: {_short_names(all_named)})"
+        )
+    return [(path, None) for path in all_named if path == token or path.endswith("." + token)]
+
+
+def _target(model: nn.Module, path: str, module: nn.Module, parts: set[int] | None, n: int) -> Target:
+    """The target for one chosen module: whole, or the chosen `parts` of its `n` equal output slices."""
+    tied = _tied_elsewhere(model, path, module)
+    if tied is not None:
+        raise LorakitError(f"{path} shares its weight with {tied} (tied embeddings); adapting it would change both")
+    if parts is None:
+        return Target(path, None)
+    _, out_features = base_shape(module)
+    if out_features % n:
+        raise LorakitError(f"{path}: output size {out_features} does not split into {n} equal parts")
+    size = out_features // n
+    names = [_SLICE_NAMES[p] if n == 3 else f"part{p}" for p in range(n)]
+    return Target(path, tuple(Slice(names[p], p * size, (p + 1) * size) for p in sorted(parts)))
 
 
 def _short_names(modules: dict[str, nn.Module]) -> str:
