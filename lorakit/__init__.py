@@ -20,6 +20,12 @@ _API = {
     "read_adapter": "lora.adapter",
     "LoRALayer": "lora.layer",
     "LorakitError": "errors",
+    "CheckFailed": "errors",
+    "TrainingInterrupted": "errors",
+    "TrainingDiverged": "errors",
+    "train": "training.loop",
+    "TrainConfig": "training.config",
+    "build_config": "training.config",
 }
 
 __all__ = ["__version__", *_API]
