@@ -19,13 +19,46 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
+import typer.core
 
 from . import __version__
 from .errors import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, LorakitError
 
+
+class _OneLineErrors(typer.core.TyperGroup):
+    """click's usage errors (an unknown option, a value of the wrong type) as one `error:` line and exit 2, like
+    every other bad input, instead of a usage box."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except Exception as e:
+            if not hasattr(e, "format_message"):
+                raise
+            if type(e).__name__ == "NoArgsIsHelpError":  # `lorakit` alone: the help, as before
+                e.show()
+                sys.exit(e.exit_code)
+            ctx = getattr(e, "ctx", None)
+            see = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            sys.stderr.write(f"error: {e.format_message()}{see}\n")
+            sys.exit(getattr(e, "exit_code", EXIT_BAD_INPUT))
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=_OneLineErrors,
     name="lorakit",
     help="LoRA fine-tuning exact to the paper: train, merge, export and inspect small adapter files.",
+    # Paragraphs (blank-line separated) so that rich keeps one exit code a line.
+    epilog=(
+        "Exit codes: 0 done.\n\n"
+        "1 a failed check: merge probe beyond tolerance, training stopped on a NaN/inf loss, or training changed "
+        "nothing.\n\n"
+        "2 bad input (one error: line).\n\n"
+        "130 interrupted by Ctrl-C, 143 stopped by SIGTERM (both after saving a checkpoint; --resume continues)."
+    ),
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -121,6 +154,7 @@ def _quiet_transformers() -> None:
 
 def _given(ctx: typer.Context, values: dict[str, Any]) -> dict[str, Any]:
     """The options typed on the command line (a 0, an empty string or a --no-flag included), by name."""
+
     # Compared by name: typer >= 0.20 ships its own copy of click, whose ParameterSource is another class.
     def typed(name: str) -> bool:
         source = ctx.get_parameter_source(name)
@@ -145,6 +179,8 @@ Precision = Literal["fp32", "bf16", "fp16"]
 Task = Literal["causal-lm", "classification"]
 
 
+# train and eval are long only by their option declarations (one per setting, with its help text); their
+# bodies hand the parsed values to the library.
 @app.command()
 @_friendly
 def train(
@@ -231,17 +267,7 @@ def train(
 ) -> None:
     """Fine-tune a LoRA adapter. With no arguments: the packaged SmolLM2 on the built-in demo task."""
     flags = _given(ctx, {k: v for k, v in locals().items() if k not in ("ctx", "recipe")})
-    from .training.config import build_config, read_recipe
-
-    values: dict[str, Any] = {}
-    source = "flags"
-    out_given = flags.get("out")
-    if recipe is not None:
-        values, source = read_recipe(recipe), str(recipe)
-    elif flags.get("resume") and out_given and (Path(out_given) / "config.yaml").is_file():
-        values, source = read_recipe(Path(out_given) / "config.yaml"), str(Path(out_given) / "config.yaml")
-        values = {k: v for k, v in values.items() if k not in ("resume", "overwrite")}
-    cfg = build_config(values, flags, source=source)
+    cfg = _train_config(recipe, flags)
     demo = cfg.data is None and cfg.model is None
     if cfg.data is None:
         cfg = _with_demo_data(cfg)
@@ -252,8 +278,6 @@ def train(
 
         raise typer.Exit(launch(cfg.nproc, sys.argv[1:], cfg.threads))
     _quiet_transformers()
-    from . import report
-
     console = _console()
     if cfg.dry_run:
         _dry_run(cfg, console)
@@ -261,16 +285,37 @@ def train(
     from .training.loop import train as run_training
 
     result = run_training(cfg, console=console)
-    if not result.main:
-        return
+    if result.main:
+        _print_run(result, cfg, demo, console)
+    if result.main and not result.lora_changed:
+        raise typer.Exit(EXIT_CHECK_FAILED)
+
+
+def _train_config(recipe: Path | None, flags: dict[str, Any]) -> Any:
+    """The run's TrainConfig: the recipe (or, on --resume, the run's config.yaml), the flags typed on top."""
+    from .training.config import build_config, read_recipe
+
+    values: dict[str, Any] = {}
+    source = "flags"
+    out_given = flags.get("out")
+    if recipe is not None:
+        values, source = read_recipe(recipe), str(recipe)
+    elif flags.get("resume") and out_given and (Path(out_given) / "config.yaml").is_file():
+        values, source = read_recipe(Path(out_given) / "config.yaml"), str(Path(out_given) / "config.yaml")
+        values = {k: v for k, v in values.items() if k not in ("resume", "overwrite")}
+    return build_config(values, flags, source=source)
+
+
+def _print_run(result: Any, cfg: Any, demo: bool, console: Any) -> None:
+    """The summary of a finished run; for the demo also the generations before and after."""
+    from . import report
+
     console.print(report.train_table(result))
     if demo:
         from .demo import before_after_examples
 
         for line in report.before_after_lines(before_after_examples(result.adapter, Path(cfg.eval_data))):
             console.print(line)
-    if not result.lora_changed:
-        raise typer.Exit(EXIT_CHECK_FAILED)
 
 
 def _with_demo_data(cfg: Any) -> Any:
@@ -356,6 +401,10 @@ def eval_(
         return
     if data is None:
         raise LorakitError("--data is required (or --predictions FILE to rescore saved predictions)")
+    if generate:
+        from .evaluation.evaluate import check_predictions_out
+
+        check_predictions_out(out, list(adapters or []))  # a read-only or blocked --out: now, not after generating
     fields = ("prompt_field", "completion_field", "text_field", "messages_field", "label_field")
     fields += ("prompt_template", "completion_template")
     given = locals()
@@ -384,15 +433,20 @@ def eval_(
 
 @contextlib.contextmanager
 def _metric_notes() -> Any:
-    """Metric warnings (e.g. METEOR unavailable without Java) as one `note: ...` line each on stderr."""
+    """Metric warnings (e.g. METEOR unavailable without Java) and lorakit's notes (`lorakit.errors.Note`, e.g. a
+    capped --max-length) as one `note: ...` line each on stderr, also where third-party UserWarnings are hidden."""
+    from .errors import Note
     from .evaluation.metrics import MetricWarning
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", MetricWarning)
+        warnings.simplefilter("always", Note)
         yield
     for w in caught:
-        if issubclass(w.category, MetricWarning):
+        if issubclass(w.category, (MetricWarning, Note)):
             typer.echo(f"note: {w.message}", err=True)
+        else:  # what passed the filters (third-party warnings with --debug) is shown as usual
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
 
 def _print_results(report: dict[str, Any], as_json: bool) -> None:

@@ -15,6 +15,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -44,6 +45,8 @@ def fsync_path(path: str | os.PathLike) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as e:  # fsync names no file; where the disk filled up is worth saying
+        raise OSError(e.errno, e.strerror, os.fspath(path)) from e
     finally:
         os.close(fd)
 
@@ -56,23 +59,65 @@ def _fsync_tree(root: Path) -> None:
         fsync_path(folder)
 
 
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def _renamed(error: BaseException, path: Path, tmp: str | os.PathLike | None = None) -> OSError | None:
+    """An error of writing `path` (through its temporary `tmp`) as an OSError that names `path`, the name the
+    user gave, rather than a temporary name or none (a failed write() or fsync() names no file); a safetensors
+    I/O error (a full disk under its Rust writer) becomes the OSError it wraps. None: keep the error as it is."""
+    if isinstance(error, OSError):
+        number, reason, name = error.errno, error.strerror, error.filename
+    elif type(error).__name__ == "SafetensorError" and (found := _OS_ERROR.search(str(error))):
+        number, reason, name = int(found[1]), None, None
+    else:
+        return None
+    if number is None:
+        return None
+    target = path
+    if name is not None and tmp is not None:
+        try:
+            target = path / Path(os.fsdecode(name)).relative_to(tmp)
+        except ValueError:  # not a file being written (the lock, a file read): its own name is the right one
+            if isinstance(error, OSError):
+                return None
+    return OSError(number, reason or os.strerror(number), str(target))
+
+
+@contextlib.contextmanager
+def _naming(path: Path, tmp: str | os.PathLike | None = None) -> Iterator[None]:
+    """Raise what fails in the block as an OSError naming `path` (see `_renamed`)."""
+    try:
+        yield
+    except BaseException as e:
+        named = _renamed(e, path, tmp)
+        if named is None:
+            raise
+        raise named from e
+
+
 def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
-    """Write `data` to `path` so that readers see the old file or the whole new one, never a part."""
+    """Write `data` to `path` so that readers see the old file or the whole new one, never a part.
+
+    A failure (a full disk, a read-only folder) leaves the old file as it was and no temporary file, and is an
+    OSError naming `path`.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        _as_created(tmp)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_path(path.parent)  # the rename itself
+    with _naming(path):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            _as_created(tmp)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data.encode() if isinstance(data, str) else data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        fsync_path(path.parent)  # the rename itself
 
 
 @contextlib.contextmanager
@@ -88,25 +133,32 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False, kind: str | Non
     if is_busy(path) and not overwrite:
         raise LorakitError(f"{path}: folder exists and is not empty; choose another --out or pass --overwrite")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    with _naming(path):
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
-        _as_created(tmp, directory=True)
-        yield tmp
-        if kind is not None:
-            (tmp / MARKER).write_text(json.dumps({"kind": kind}) + "\n")
-        _fsync_tree(tmp)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        with _naming(path, tmp):
+            _as_created(tmp, directory=True)
+            yield tmp
+            if kind is not None:
+                (tmp / MARKER).write_text(json.dumps({"kind": kind}) + "\n")
+            _fsync_tree(tmp)
+            if path.exists():
+                old = path.with_name(f".{path.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(path, old)
+                try:
+                    os.replace(tmp, path)
+                except BaseException:
+                    os.replace(old, path)  # the old folder back under its name
+                    raise
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    fsync_path(path.parent)
+    with _naming(path):
+        fsync_path(path.parent)
 
 
 def is_busy(folder: Path) -> bool:
@@ -203,8 +255,9 @@ def folder_lock(folder: Path) -> Iterator[None]:
                 raise
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             raise LorakitError(f"{folder}: another lorakit process (pid {holder}) is using this run folder") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        with _naming(folder / LOCK):  # a full disk: the lock file named, not a bare "No space left"
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
         os.close(fd)  # closing releases the lock

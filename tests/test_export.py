@@ -76,7 +76,7 @@ def test_export_loads_in_peft_with_same_logits(bases, tmp_path, arch, targets):
     model = lorakit_adapter(folder, targets, tmp_path / "a.safetensors")
     out = export_peft(tmp_path / "a.safetensors", tmp_path / "peft")
 
-    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [".lorakit", "adapter_config.json", "adapter_model.safetensors"]
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA"
     assert config["task_type"] == (None if arch == "bert" else "CAUSAL_LM")  # SEQ_CLS would want head weights
@@ -172,8 +172,14 @@ def test_export_refuses_non_empty_folder_unless_overwrite(bases, tmp_path):
     with pytest.raises(LorakitError, match="not empty"):
         export_peft(tmp_path / "a.safetensors", out)
     assert (out / "keep.txt").exists()
-    export_peft(tmp_path / "a.safetensors", out, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "adapter_model.safetensors").is_file()
+    # --overwrite replaces only a folder lorakit exported: someone's own folder stays as it is.
+    with pytest.raises(LorakitError, match="was not made by lorakit"):
+        export_peft(tmp_path / "a.safetensors", out, overwrite=True)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    exported = export_peft(tmp_path / "a.safetensors", tmp_path / "exported")
+    (exported / "stray.txt").write_text("x")
+    export_peft(tmp_path / "a.safetensors", exported, overwrite=True)
+    assert not (exported / "stray.txt").exists() and (exported / "adapter_model.safetensors").is_file()
 
 
 # ---------------------------------------------------------------- import
@@ -274,8 +280,13 @@ def test_import_refuses_existing_file_unless_overwrite(bases, tmp_path):
     with pytest.raises(LorakitError, match="exists"):
         import_peft(tmp_path / "peft", tmp_path / "b.safetensors")
     assert (tmp_path / "b.safetensors").read_bytes() == b"old"
-    import_peft(tmp_path / "peft", tmp_path / "b.safetensors", overwrite=True)
-    read_adapter(tmp_path / "b.safetensors")
+    # --overwrite replaces a lorakit adapter only, never another file
+    with pytest.raises(LorakitError, match="is not a lorakit adapter"):
+        import_peft(tmp_path / "peft", tmp_path / "b.safetensors", overwrite=True)
+    assert (tmp_path / "b.safetensors").read_bytes() == b"old"
+    (tmp_path / "c.safetensors").write_bytes((tmp_path / "a.safetensors").read_bytes())
+    import_peft(tmp_path / "peft", tmp_path / "c.safetensors", overwrite=True)
+    read_adapter(tmp_path / "c.safetensors")
 
 
 # ---------------------------------------------------------------- import errors
@@ -383,15 +394,15 @@ def test_import_accepts_adapter_name_in_tensor_names(bases, tmp_path):
                 "model.layers.0.self_attn.nope.lora_A.weight": torch.randn(2, 32),
                 "model.layers.0.self_attn.nope.lora_B.weight": torch.randn(32, 2),
             },
-            "module model.layers.0.self_attn.nope not found in the base model",
+            "module model.layers.0.self_attn.nope not found in this model",
         ),
         (
             {f"{Q0}.lora_A.weight": torch.randn(2, 48), f"{Q0}.lora_B.weight": torch.randn(32, 2)},
-            f"{Q0} is (32, 32) (in, out) in the base, the adapter expects (48, 32)",
+            f"{Q0} is (32, 32) (in, out) here, the adapter expects (48, 32)",
         ),
         (
             {"model.norm.lora_A.weight": torch.randn(2, 32), "model.norm.lora_B.weight": torch.randn(32, 2)},
-            "model.norm is a LlamaRMSNorm in the base, not linear",
+            "model.norm is a LlamaRMSNorm here, not a linear layer",
         ),
     ],
 )

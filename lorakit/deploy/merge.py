@@ -96,6 +96,8 @@ def merge_to_folder(
     check_out(out, KIND, overwrite, inputs)  # before the slow load
     loaded = read_adapter(adapter)
     source = model or recorded_base(adapter, loaded.base_model)
+    if not model and Path(source).exists():
+        check_out(out, KIND, overwrite, [source])  # the recorded base is an input too: never replaced
     labels = loaded.metadata.get("num_labels")
     options: dict[str, Any] = dict(model_class=loaded.metadata.get("base_class"), allow_pickle=allow_pickle)
     options["num_labels"] = int(labels) if labels else None

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import LorakitError
-from ..files import atomic_dir
+from ..files import atomic_dir, check_out
 from ..lora.adapter import (
     TENSOR_DTYPES,
     Adapter,
@@ -41,13 +41,14 @@ from ..lora.adapter import (
     save_adapter,
     show_value,
 )
-from ..lora.layer import base_shape, is_linear_like
+from ..lora.base import linear_at
 from ..lora.targets import Target
 from ..lora.wrap import wrap_targets
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+KIND = "peft"  # the marker of an exported folder: what `export --overwrite` may replace
 
 # PEFT config keys that change what a LoRA computes (or add trained weights lorakit cannot hold).
 _VARIANTS = {
@@ -78,13 +79,15 @@ def export_peft(adapter: str | os.PathLike, out: str | os.PathLike, overwrite: b
     Args:
         adapter: the lorakit `.safetensors` adapter file.
         out: the folder to write (`adapter_config.json` + `adapter_model.safetensors`).
-        overwrite: replace an existing non-empty `out` folder.
+        overwrite: replace an existing `out` folder that lorakit exported before (never `.`, a folder holding
+            the current folder or the adapter, or a folder lorakit did not make).
 
     Returns:
         The written folder.
     """
     from safetensors.torch import save_file
 
+    check_out(out, KIND, overwrite, [adapter])
     source = read_adapter(adapter)
     heads = _head_modules(source)
     tensors: dict[str, Tensor] = {}
@@ -100,7 +103,7 @@ def export_peft(adapter: str | os.PathLike, out: str | os.PathLike, overwrite: b
         tensors[f"{PREFIX}{name}"] = source.tensors[name].float().contiguous()
     config = _peft_config(source, ranks, alphas, heads)
     out = Path(out)
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, kind=KIND) as tmp:
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
     return out
@@ -213,16 +216,13 @@ def import_peft(
             to check the modules and to fingerprint the base weights. With modules_to_save (a trained head),
             it is loaded as the class in the config's `auto_mapping` (or as a sequence classifier for
             task_type SEQ_CLS), with as many labels as the head's weights have.
-        overwrite: replace an existing `out` file.
+        overwrite: replace an existing `out` file, if it is a lorakit adapter (a symbolic link: the file it
+            names).
 
     Returns:
         The written adapter file.
     """
-    peft_dir, out = Path(peft_dir), Path(out)
-    if out.is_dir():
-        raise LorakitError(f"{out}: is a folder; expected an adapter .safetensors file path")
-    if out.exists() and not overwrite:
-        raise LorakitError(f"{out}: file exists; choose another --out or pass --overwrite")
+    peft_dir, out = Path(peft_dir), _import_out(Path(out), overwrite)
     config = read_peft_config(peft_dir)
     pairs, heads = read_peft_tensors(peft_dir, config.get("modules_to_save") or [])
     alphas = {path: _alpha(peft_dir, config, path, a.shape[0]) for path, (a, _) in pairs.items()}
@@ -245,6 +245,37 @@ def import_peft(
             layer.lora_B[0].copy_(b.float())  # (out, r)
     base.lorakit_targets = _targets_string(config.get("target_modules"), pairs)
     return save_adapter(base, out, base_model=str(source))
+
+
+def _import_out(out: Path, overwrite: bool) -> Path:
+    """The file import writes (a symbolic link resolved), checked before anything loads: a new name, or with
+    `overwrite` a lorakit adapter file; never a folder, a broken link or another file (a PEFT or base weights
+    file, say)."""
+    if out.is_symlink() and not out.exists():
+        raise LorakitError(f"{out}: is a broken symbolic link; expected an adapter .safetensors file path")
+    target = Path(os.path.realpath(out)) if out.is_symlink() else out  # a link stays, the file it names changes
+    if target.is_dir():
+        raise LorakitError(f"{out}: is a folder; expected an adapter .safetensors file path")
+    if not target.exists():
+        return target
+    if not overwrite:
+        raise LorakitError(f"{out}: file exists; choose another --out or pass --overwrite")
+    if not _is_lorakit_adapter(target):
+        raise LorakitError(f"{out}: is not a lorakit adapter file; --overwrite replaces only a lorakit adapter")
+    return target
+
+
+def _is_lorakit_adapter(path: Path) -> bool:
+    """Whether `path` is a safetensors file with lorakit's adapter format in its metadata (tensors not read)."""
+    from safetensors import safe_open
+
+    from ..lora.adapter import FORMAT
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == FORMAT
+    except Exception:  # not safetensors, unreadable: not lorakit's
+        return False
 
 
 def read_peft_config(peft_dir: Path) -> dict[str, Any]:
@@ -448,22 +479,8 @@ def _set_heads(peft_dir: Path, model: nn.Module, heads: dict[str, Tensor]) -> No
 
 def _check_modules(peft_dir: Path, model: nn.Module, pairs: Pairs) -> None:
     """Every adapted path exists in the base, is linear, and has the tensors' (in, out)."""
-    where = peft_dir / WEIGHTS_NAME
     for path, (a, b) in pairs.items():
-        try:
-            module = model.get_submodule(path)
-        except AttributeError:
-            raise LorakitError(
-                f"{where}: module {path} not found in the base model; adapter for another architecture?"
-            ) from None
-        if not is_linear_like(module):
-            raise LorakitError(f"{where}: {path} is a {type(module).__name__} in the base, not linear")
-        expected = (a.shape[1], b.shape[0])
-        if base_shape(module) != expected:
-            raise LorakitError(
-                f"{where}: {path} is {base_shape(module)} (in, out) in the base, the adapter expects "
-                f"{expected}; adapter for another base?"
-            )
+        linear_at(model, path, (a.shape[1], b.shape[0]), str(peft_dir / WEIGHTS_NAME))
 
 
 def _alpha(peft_dir: Path, config: dict[str, Any], path: str, rank: int) -> float:

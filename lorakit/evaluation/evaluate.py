@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -250,16 +251,45 @@ def check_eval_options(
             problems.append(f"{name} must be at least {low}, got {value}")
     if not math.isfinite(options.length_penalty):
         problems.append(f"--length-penalty must be a finite number, got {options.length_penalty}")
-    if out is not None and out.exists() and not out.is_dir():
+    if out is not None and out.is_symlink() and not out.exists():
+        problems.append(f"--out {out} is a broken symbolic link (predictions files go into a folder)")
+    elif out is not None and out.exists() and not out.is_dir():
         problems.append(f"--out {out} exists and is not a folder (predictions files go into a folder)")
     if problems:
         raise LorakitError("; ".join(problems))
+
+
+def model_labels(adapters: list[Path]) -> list[str]:
+    """The eval table's row names: `base`, then each adapter as given (predictions files are named after them)."""
+    return ["base", *map(str, adapters)]
+
+
+def check_predictions_out(out: Path, adapters: list[Path]) -> None:
+    """Before anything loads, that `--generate` can write its predictions files into `out`: no file is in the way
+    of the folder or of a predictions file, and the folder (or, if new, the nearest folder above it that exists)
+    takes a new file; a read-only folder is an OSError naming it."""
+    for path in prediction_files(out, model_labels(adapters)):
+        if path.is_dir():
+            raise LorakitError(f"{path}: is a folder; it is in the way of a predictions file, move it or change --out")
+    existing = out
+    while not existing.exists() and not existing.is_symlink() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise LorakitError(f"--out {out}: {existing} is not a folder (predictions files go into a folder)")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".lorakit-probe.", suffix=".tmp")
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(existing)) from e
+    os.close(fd)
+    os.unlink(probe)
 
 
 def data_spec_of(
     source: str, split: str, hub_config: str | None, limit: int | None, fields: dict[str, str | None]
 ) -> DataSpec:
     """The DataSpec of `lorakit eval`: its defaults, with the field names and templates given on the line."""
+    if not split:  # as `train --split ''`: refused here, not sent to the hub as split ''
+        raise LorakitError("--split must not be empty")
     mapping = {}
     for name, value in fields.items():
         if value == "" and not name.endswith("_template"):
@@ -318,7 +348,7 @@ def evaluate_adapters(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     base.to(device)
     names = metric_names or ["bleu", "rouge_l"]
-    labels = ["base", *map(str, adapters)]
+    labels = model_labels(adapters)
     files = prediction_files(predictions_dir, labels) if predictions_dir is not None else [None] * len(labels)
     results = [score_model("base", base, tokenizer, rows, encoded, spec, batch_size, generate_options, names, files[0])]
     for label, adapter, file in zip(labels[1:], loaded, files[1:]):

@@ -277,7 +277,14 @@ def build_config(
     """
     values: dict[str, Any] = {}
     problems = []
-    for mapping in (recipe or {}, overrides or {}):
+    typed: set[str] = set()  # names whose value came from the overrides
+
+    def given_as(name: str) -> str:
+        """A typed value's problem says so: the recipe (or a resumed run's config.yaml) named first may hold
+        another, good value for it."""
+        return f" (given as --{name.replace('_', '-')})" if name in typed and source != "flags" else ""
+
+    for mapping, overriding in ((recipe or {}, False), (overrides or {}, True)):
         for key, value in mapping.items():
             name = str(key).replace("-", "_")
             if name not in FIELDS:
@@ -285,12 +292,14 @@ def build_config(
                 hint = f" (did you mean {' or '.join(close)}?)" if close else ""
                 problems.append(f"unknown key {key!r}{hint}")
                 continue
+            if overriding:
+                typed.add(name)
             try:
                 values[name] = _coerce(name, value)
             except ValueError as e:
-                problems.append(f"{key}: {e}")
+                problems.append(f"{key}: {e}{given_as(name)}")
     cfg = TrainConfig(**values)  # only the values that passed: the range checks below see every one of them
-    problems += _check_values(cfg)
+    problems += [p + given_as(p.split(":")[0]) for p in _check_values(cfg)]
     if problems:
         raise LorakitError(f"{source}: " + "; ".join(problems))
     return cfg

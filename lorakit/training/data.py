@@ -172,6 +172,9 @@ def _load(spec: DataSpec) -> tuple[list[dict], list[int] | None]:
         return _read_folder(path, spec), None
     if path.suffix.lower() in _FILE_LIKE or spec.source.startswith(("/", "./", "../", "~", ".\\")):
         raise LorakitError(f"{spec.source}: no such file")
+    from ..hub import check_dataset_reachable
+
+    check_dataset_reachable(spec.source)  # without a network: one line now, not the hub client's retries
     return _read_hub(spec), None
 
 
@@ -360,6 +363,10 @@ def _read_hub(spec: DataSpec, attempt: str = "not a file or folder, and loading 
     try:
         ds = datasets.load_dataset(spec.source, spec.hub_config, split=spec.split)
     except Exception as e:  # not found, offline, bad config or split: all one line for the user
+        from ..hub import dataset_not_cached
+
+        if isinstance(e, ConnectionError) and dataset_not_cached(spec.source):
+            raise LorakitError(str(dataset_not_cached(spec.source))) from None
         config = f", config {spec.hub_config!r}" if spec.hub_config else ""
         raise LorakitError(
             f"{spec.source}: {attempt} (split {spec.split!r}{config}) failed: {_first_line(e)}"

@@ -128,5 +128,7 @@ def launch(nproc: int, argv: list[str], threads: int | None = None) -> int:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
     command += ["-m", "lorakit"]
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(threads or max(1, (os.cpu_count() or 1) // nproc)))
+    if threads:  # asked for on this command line: wins over the environment's setting
+        env["OMP_NUM_THREADS"] = str(threads)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     return subprocess.call(command + without_nproc(argv), env=env)

@@ -4,8 +4,9 @@
 - LoRA's A and B, and a new task head, are fp32 master weights in every precision: AdamW's small updates are not
   rounded away in bf16, and fp16's gradient scaler (which refuses fp16 gradients) unscales fp32 gradients.
 - fp16 gradients are scaled (`torch.amp.GradScaler`) so that small ones do not underflow; a step whose gradients
-  overflow is skipped by the scaler. A base whose activations overflow fp16 gives a non-finite loss, which stops
-  the run with a message that suggests bf16 or fp32.
+  overflow is skipped by the scaler. A base whose activations overflow fp16 gives a non-finite loss at step 1,
+  which stops the run (`TrainingDiverged`, exit 1) with one line saying so and naming bf16 or fp32 (fp32's range)
+  to use instead; there is no silent fallback.
 """
 
 from __future__ import annotations
