@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-
 from tiny import randomize_lora, save_model, tiny_gpt2
 from typer.testing import CliRunner
 

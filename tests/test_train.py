@@ -33,6 +33,8 @@ from lorakit.training.loop import StopFlag, lr_at, train
 from lorakit.training.loss import causal_lm_loss, label_count
 
 runner = CliRunner()
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """Tiny GPT-2 and Llama model folders (with the word-level tokenizer)."""
@@ -240,7 +242,7 @@ def test_resume_without_a_checkpoint_is_an_error(models, data, tmp_path):
         )
         assert result.exit_code == 2
         assert result.stderr.splitlines() == [
-            f"error: {out}: no checkpoint to resume from (expected {out}/checkpoints/latest)"
+            f"error: {out}: no checkpoint to resume from (expected a step-N folder in {out}/checkpoints)"
         ]
 
 

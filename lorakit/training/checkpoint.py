@@ -143,18 +143,33 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
 
 
 def load_optimizer(
-    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], steps: Any, where: Path | str = "checkpoint"
+    optimizer: torch.optim.Optimizer,
+    tensors: dict[str, torch.Tensor],
+    steps: Any,
+    where: Path | str = "checkpoint",
+    steps_where: Path | str | None = None,
 ) -> None:
-    """Give AdamW back its moments and step counts, each checked against the parameter it belongs to."""
+    """Give AdamW back its moments and step counts, each checked against the parameter it belongs to.
+
+    `where` names the file of the moments (`optimizer.safetensors`), `steps_where` that of the step counts
+    (`state.json`; default: `where`).
+    """
+    steps_where = steps_where or where
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if not isinstance(steps, dict):
-        raise LorakitError(f"{where}: adam_steps is {steps!r}, expected an object")
+        raise LorakitError(f"{steps_where}: adam_steps is {steps!r}, expected an object")
+    moments_of = {k.split(".", 1)[1] for k in tensors if k.startswith(("exp_avg.", "exp_avg_sq."))}
+    if moments_of != set(steps):  # written together: a parameter with moments and no step count is damage
+        raise LorakitError(
+            f"{steps_where}: AdamW step counts for {len(steps)} parameter(s), but {where} holds moments for "
+            f"{len(moments_of)}; the checkpoint is damaged"
+        )
     restored = {}
     for key, step in steps.items():
         if not (isinstance(key, str) and key.isdigit() and int(key) < len(params)):
-            raise LorakitError(f"{where}: optimizer state names parameter {key!r}; the model has {len(params)}")
+            raise LorakitError(f"{steps_where}: optimizer state names parameter {key!r}; the model has {len(params)}")
         if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 <= step < 2**53:
-            raise LorakitError(f"{where}: AdamW step count {step!r} for parameter {key}")
+            raise LorakitError(f"{steps_where}: AdamW step count {step!r} for parameter {key}")
         p = params[int(key)]
         moments = {}
         for name in ("exp_avg", "exp_avg_sq"):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import LorakitError, TrainingDiverged, TrainingInterrupted
-from ..files import folder_lock, write_atomic
+from ..files import folder_lock
 from ..lora.adapter import apply_adapter, save_adapter
 from ..lora.wrap import add_lora, lora_layers, oversized_ranks
 from ..models import base_name, check_task, context_length, load_base, load_config, load_tokenizer
@@ -40,12 +41,12 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from .config import TrainConfig, build_config, read_recipe, resume_changes, to_yaml
+from .config import FIELDS, RESUME_MAY_CHANGE, TrainConfig, build_config, read_recipe, resume_changes
 from .data import Encoded, Rows, batch_order, collate, encode, read_rows, to_device
 from .distributed import World, all_sum, barrier, device_for, gather_objects, init_world, shutdown
 from .loss import LossStep, dataset_loss, label_count
 from .precision import Autocast, autocast_for, fp32_master_weights, gradient_scaler
-from .runfolder import MetricsLog, check_run_folder, claim_run_folder, plot_losses
+from .runfolder import MetricsLog, check_run_folder, claim_run_folder, plot_losses, save_config
 
 
 @dataclass
@@ -122,8 +123,7 @@ def train(cfg: TrainConfig, console: Any = None) -> TrainResult:
     with contextlib.ExitStack() as stack:
         stack.callback(shutdown, world)
         out = check_run_folder(cfg)
-        if cfg.resume:
-            check_same_settings(cfg, out)
+        changes = check_same_settings(cfg, out) if cfg.resume else []
         locked = world.main and out.is_dir()
         if locked:  # an existing folder: claim it before the slow part, so a second run fails at once
             stack.enter_context(folder_lock(out))
@@ -134,7 +134,8 @@ def train(cfg: TrainConfig, console: Any = None) -> TrainResult:
         state = resume(run) if cfg.resume else new_state(run)
         if world.main:  # resume/overwrite act on this invocation: saved as false, config.yaml never deletes a run
             nproc = world.local_size if world.distributed else run.cfg.nproc
-            write_atomic(out / "config.yaml", to_yaml(replace(run.cfg, resume=False, overwrite=False, nproc=nproc)))
+            saved = replace(run.cfg, resume=False, overwrite=False, nproc=nproc)
+            save_config(out, saved, state.step if cfg.resume else None, changes)  # a resume: changes as comments
         run.log = MetricsLog(out / "metrics.jsonl", state.step if cfg.resume else None, enabled=world.main)
         resumed_from = state.step if cfg.resume else None
         tokens, saved_at = fit(run, state)
@@ -288,7 +289,8 @@ def resume(run: Run) -> RunState:
     """
     path = latest_checkpoint(run.out)
     if path is None:
-        raise LorakitError(f"{run.out}: no checkpoint to resume from (expected {run.out}/checkpoints/latest)")
+        expected = f"expected a step-N folder in {run.out}/checkpoints"
+        raise LorakitError(f"{run.out}: no checkpoint to resume from ({expected})")
     ckpt = load_checkpoint(path)
     state = ckpt.state
     if state.world_size != run.world.size:  # the data position counts global batches; RNG states are per process
@@ -301,7 +303,7 @@ def resume(run: Run) -> RunState:
     if state.eval_data is not None and state.eval_data != (run.eval_encoded and run.eval_encoded.fingerprint()):
         raise LorakitError(f"{path}: the evaluation data differ from the run being resumed")
     apply_adapter(run.model, ckpt.adapter)
-    load_optimizer(run.optimizer, ckpt.tensors, ckpt.adam_steps, path / "optimizer.safetensors")
+    load_optimizer(run.optimizer, ckpt.tensors, ckpt.adam_steps, path / "optimizer.safetensors", path / "state.json")
     set_rng_state(ckpt.tensors, run.world.rank, path / "optimizer.safetensors")
     if state.scaler and run.scaler.is_enabled():
         run.scaler.load_state_dict(state.scaler)
@@ -309,11 +311,13 @@ def resume(run: Run) -> RunState:
     return state
 
 
-def check_same_settings(cfg: TrainConfig, out: Path) -> None:
-    """Refuse to resume with settings that change the run (a changed --lr would mix two runs)."""
+def check_same_settings(cfg: TrainConfig, out: Path) -> list[str]:
+    """Refuse to resume with settings that change the run (a changed --lr would mix two runs); returns the
+    settings that differ and a resume may change (`RESUME_MAY_CHANGE`), as `name: saved -> new`, for config.yaml
+    to record at the step they change (never as if they held from step 0)."""
     saved_path = out / "config.yaml"
     if not saved_path.is_file():
-        return  # a run folder of lorakit 0.1 before its first config.yaml: nothing to compare
+        return []  # a run folder of lorakit 0.1 before its first config.yaml: nothing to compare
     saved = build_config(read_recipe(saved_path), source=str(saved_path))
     changes = resume_changes(saved, cfg)
     if changes:
@@ -322,6 +326,14 @@ def check_same_settings(cfg: TrainConfig, out: Path) -> None:
             + "; ".join(changes)
             + "; start a new run (another --out) to change them"
         )
+    return [
+        f"{name}: {getattr(saved, name)!r} -> {getattr(cfg, name)!r}"
+        for name in FIELDS
+        if name in RESUME_MAY_CHANGE
+        and name not in ("resume", "overwrite", "dry_run")  # what this invocation does, not settings of the run
+        and getattr(saved, name) != getattr(cfg, name)
+        and not (name == "out" and os.path.realpath(saved.out or "") == os.path.realpath(cfg.out or ""))
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -402,7 +414,8 @@ def train_step(run: Run, state: RunState, stream: Iterator, lr: float, last_chec
     total_loss, tokens = all_sum(world, float(step_loss), tokens)
     loss = total_loss / max(n_labels, 1)
     if not math.isfinite(loss):
-        raise TrainingDiverged(diverged_message(cfg, loss, state.step + 1, last_checkpoint), last_checkpoint)
+        message = diverged_message(cfg, loss, state.step + 1, last_checkpoint, before_any_update=state.step == 0)
+        raise TrainingDiverged(message, last_checkpoint)
     if cfg.max_grad_norm:  # None or 0: no clipping
         run.scaler.unscale_(run.optimizer)
         torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm)
@@ -414,9 +427,17 @@ def train_step(run: Run, state: RunState, stream: Iterator, lr: float, last_chec
     return loss, int(tokens)
 
 
-def diverged_message(cfg: TrainConfig, loss: float, step: int, last_checkpoint: Path | None) -> str:
+def diverged_message(
+    cfg: TrainConfig, loss: float, step: int, last_checkpoint: Path | None, before_any_update: bool = False
+) -> str:
+    """One line; under fp16 it says the base overflows (certain before any update: LoRA's B is still zero, so the
+    model is the frozen base) and names the precisions that have fp32's range."""
     where = f"; the last good checkpoint is {last_checkpoint}" if last_checkpoint else ""
-    hint = "; the base may overflow float16: try --precision bf16 or fp32" if cfg.precision == "fp16" else ""
+    hint = ""
+    if cfg.precision == "fp16" and before_any_update:
+        hint = "; the frozen base overflows fp16 (--precision fp16) before any update: use --precision bf16 or fp32"
+    elif cfg.precision == "fp16":
+        hint = "; the base may overflow fp16 (--precision fp16): try --precision bf16 or fp32"
     return f"loss became {loss} at step {step}; training stopped{where}{hint}"
 
 

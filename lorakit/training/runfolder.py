@@ -4,7 +4,7 @@ files in it that grow while it trains (`metrics.jsonl`, `loss.png`).
     runs/x/
       .lorakit                 marker: a folder lorakit made (what --overwrite may replace)
       .lorakit.lock            held by the one process training here
-      config.yaml              the resolved configuration
+      config.yaml              the resolved configuration the run started with (a resume adds comments only)
       metrics.jsonl            one JSON object per line, each with `step`
       loss.png                 training and evaluation loss
       adapter.safetensors      at the end
@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 from ..errors import LorakitError
 from ..files import check_out, empty_folder, folder_lock, mark, remove_leftovers, write_atomic
 from .checkpoint import latest_checkpoint
-from .config import TrainConfig
+from .config import TrainConfig, to_yaml
 
 KIND = "run"
 
@@ -46,7 +47,7 @@ def check_run_folder(cfg: TrainConfig) -> Path:
         if out.exists() and not out.is_dir():
             raise LorakitError(f"{out}: exists and is not a folder")
         if latest_checkpoint(out) is None:
-            raise LorakitError(f"{out}: no checkpoint to resume from (expected {out}/checkpoints/latest)")
+            raise LorakitError(f"{out}: no checkpoint to resume from (expected a step-N folder in {out}/checkpoints)")
         return out
     choices = "pass --resume to continue the run, --overwrite to replace it, or choose another --out"
     check_out(out, KIND, cfg.overwrite, local_inputs(cfg), choices)
@@ -67,6 +68,20 @@ def claim_run_folder(out: Path, cfg: TrainConfig, stack: contextlib.ExitStack, l
     mark(out, KIND)
 
 
+def save_config(out: Path, cfg: TrainConfig, resumed_at: int | None = None, changes: list[str] | None = None) -> None:
+    """config.yaml: the resolved configuration, written when the run starts and never rewritten by a resume. The
+    settings a resume may change (`RESUME_MAY_CHANGE`: where files are, how often to save, evaluate and log, ...)
+    are appended as a comment, `# resumed at step N with: name: old -> new; ...`; the values stay those of step 0
+    (a later `--resume` reads them: pass such a flag again)."""
+    path = out / "config.yaml"
+    if resumed_at is None or not path.is_file():  # a new run, or a lorakit 0.1 run folder without one
+        write_atomic(path, to_yaml(cfg))
+    elif changes:
+        text = path.read_text(encoding="utf-8")
+        note = f"# resumed at step {resumed_at} with: " + "; ".join(changes).replace("\n", " ")
+        write_atomic(path, text + ("" if text.endswith("\n") else "\n") + note + "\n")
+
+
 class MetricsLog:
     """metrics.jsonl, one JSON object per line; on resume, lines after the checkpoint's step are dropped, and so is
     a damaged line (what a kill or a full disk leaves at the end)."""
@@ -82,7 +97,7 @@ class MetricsLog:
                 record = _record(line)
                 if record is not None and record["step"] <= resume_step:
                     self.records.append(record)
-            write_atomic(path, "".join(json.dumps(r) + "\n" for r in self.records))
+            write_atomic(path, "".join(_line(r) for r in self.records))
         elif path.exists():
             path.unlink()
 
@@ -90,8 +105,18 @@ class MetricsLog:
         self.records.append(record)
         if not self.enabled:
             return
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(_line(record))
+        except OSError as e:  # a full disk: name the file (a half-written last line is dropped on resume)
+            raise OSError(e.errno, e.strerror, str(self.path)) from e
+
+
+def _line(record: dict[str, Any]) -> str:
+    """One JSON line; a NaN or infinite value (an overflowing evaluation) is written as null, so the file stays
+    JSON that any reader accepts."""
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+    return json.dumps(clean, allow_nan=False) + "\n"
 
 
 def _record(line: str) -> dict[str, Any] | None:
@@ -129,4 +154,4 @@ def plot_losses(records: list[dict[str, Any]], path: Path) -> None:
     write_atomic(path, image.getvalue())
 
 
-__all__ = ["check_run_folder", "claim_run_folder", "MetricsLog", "plot_losses", "run_folder"]
+__all__ = ["check_run_folder", "claim_run_folder", "MetricsLog", "plot_losses", "run_folder", "save_config"]
