@@ -42,7 +42,7 @@ class _OneLineErrors(typer.core.TyperGroup):
                 sys.exit(e.exit_code)
             ctx = getattr(e, "ctx", None)
             see = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-            sys.stderr.write(f"error: {e.format_message()}{see}\n")
+            typer.echo(f"error: {e.format_message()}{see}", err=True)
             sys.exit(getattr(e, "exit_code", EXIT_BAD_INPUT))
         sys.exit(code if isinstance(code, int) else 0)
 

@@ -59,7 +59,8 @@ def _fsync_tree(root: Path) -> None:
         fsync_path(folder)
 
 
-_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+# A safetensors I/O error names its errno as "(os error 28)" or, before safetensors 0.5, "Os { code: 28, ...".
+_OS_ERROR = re.compile(r"\(os error (\d+)\)|Os \{ code: (\d+)")
 
 
 def _renamed(error: BaseException, path: Path, tmp: str | os.PathLike | None = None) -> OSError | None:
@@ -69,7 +70,7 @@ def _renamed(error: BaseException, path: Path, tmp: str | os.PathLike | None = N
     if isinstance(error, OSError):
         number, reason, name = error.errno, error.strerror, error.filename
     elif type(error).__name__ == "SafetensorError" and (found := _OS_ERROR.search(str(error))):
-        number, reason, name = int(found[1]), None, None
+        number, reason, name = int(found[1] or found[2]), None, None
     else:
         return None
     if number is None:

@@ -52,7 +52,7 @@ def test_usage_errors_are_one_error_line_too(args, named):
     result = runner.invoke(app, args)
     assert result.exit_code == 2
     lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and named.lower() in lines[0].lower(), result.stderr
     assert result.stdout == ""
 
 

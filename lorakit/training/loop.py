@@ -45,7 +45,7 @@ from .config import FIELDS, RESUME_MAY_CHANGE, TrainConfig, build_config, read_r
 from .data import Encoded, Rows, batch_order, collate, encode, read_rows, to_device
 from .distributed import World, all_sum, barrier, device_for, gather_objects, init_world, shutdown
 from .loss import LossStep, dataset_loss, label_count
-from .precision import Autocast, autocast_for, fp32_master_weights, gradient_scaler
+from .precision import Autocast, autocast_for, check_precision, fp32_master_weights, gradient_scaler
 from .runfolder import MetricsLog, check_run_folder, claim_run_folder, plot_losses, save_config
 
 
@@ -164,6 +164,7 @@ def setup(cfg: TrainConfig, world: World, out: Path, console: Any) -> Run:
     )
     pad_id = pad_id_of(tokenizer)
     device = device_for(world)
+    check_precision(cfg.precision, cfg.load_in_8bit, device)
     model = build_model(cfg, rows, pad_id, device, console)
     params = [p for p in model.parameters() if p.requires_grad]
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)

@@ -18,7 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import LorakitError
+
 Autocast = Callable[[], contextlib.AbstractContextManager]
+# fp16 autocast over a bitsandbytes 8-bit base on the CPU: the backward fails inside torch 2.3 ("modified by an
+# inplace operation", bitsandbytes 0.47 and 0.50 alike) and works with torch 2.13; versions between are untested.
+FP16_8BIT_CPU_TORCH = (2, 13)
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -28,6 +33,18 @@ def autocast_for(precision: str, device: torch.device) -> Autocast:
         return contextlib.nullcontext
     dtype = AUTOCAST_DTYPES[precision]
     return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def check_precision(precision: str, load_in_8bit: bool, device: torch.device) -> None:
+    """Refuse, before the model loads, a combination this torch cannot train."""
+    if precision == "fp16" and load_in_8bit and device.type == "cpu":
+        version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+        if version < FP16_8BIT_CPU_TORCH:
+            need = ".".join(map(str, FP16_8BIT_CPU_TORCH))
+            raise LorakitError(
+                f"--precision fp16 with --load-in-8bit on the CPU needs torch >= {need} (this is "
+                f"{torch.__version__}); use --precision bf16 or fp32"
+            )
 
 
 def fp32_master_weights(params: list[nn.Parameter]) -> None:
