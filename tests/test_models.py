@@ -128,7 +128,7 @@ def test_hub_model_offline_by_setting_is_one_line_at_once(monkeypatch, tmp_path,
 
     started = time.perf_counter()
     result = runner.invoke(app, ["train", "--model", "gpt2-medium", "--rank", "4", "--targets", "q,v"])
-    assert time.perf_counter() - started < 5
+    assert time.perf_counter() - started < 30  # the hub retries took 46-84 s; 30 s leaves room for a busy machine
     line = one_error(result, "gpt2-medium", "is not in the local Hugging Face cache", "HF_HUB_OFFLINE", "hf download")
     assert "tokenizer" not in line and line.count("gpt2-medium:") == 1  # said once, not wrapped in another error
     adapter = hub_adapter(tmp_path / "a.safetensors", "gpt2-medium")
@@ -169,7 +169,7 @@ def test_hub_dataset_without_network_is_one_line(monkeypatch, tmp_path, models, 
     one_error(runner.invoke(app, args), "someone/dataset", "connection refused")
     args = ["eval", "--model", str(models["gpt2"]), "--data", "someone/dataset"]
     one_error(runner.invoke(app, args), "someone/dataset", "connection refused")
-    assert time.perf_counter() - started < 10  # no minute of retries
+    assert time.perf_counter() - started < 30  # no minute of retries (30 s: room for a busy machine)
     offline(monkeypatch)
     args = ["train", "--model", str(models["gpt2"]), "--data", "someone/dataset", "--out", str(tmp_path / "run")]
     line = one_error(runner.invoke(app, args), "someone/dataset", "HF_HUB_OFFLINE", "hf download --repo-type dataset")
