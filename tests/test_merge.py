@@ -119,6 +119,7 @@ def test_base_without_tokenizer_gives_no_stand_in_tokenizer(tmp_path):
     assert not result.tokenizer
     assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == [
         ".lorakit",  # marks the folder as lorakit's, so that --overwrite may replace it
+        "README.md",  # the model card
         "config.json",
         "generation_config.json",
         "model.safetensors",

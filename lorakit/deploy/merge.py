@@ -24,7 +24,8 @@ from ..errors import CheckFailed, LorakitError
 from ..files import atomic_dir, check_out
 from ..lora.adapter import Adapter, apply_adapter, read_adapter
 from ..lora.wrap import lora_layers, merge_adapter, unwrap
-from ..models import DTYPES, dtype_name, load_base, load_tokenizer, recorded_base
+from ..models import DTYPES, base_name, dtype_name, load_base, load_tokenizer, recorded_base
+from .card import CARD_NAME, model_card
 
 # Largest accepted |logit difference| between the adapted and the merged model on the probe batch,
 # relative to max(1, largest |logit|): rounding of the merged weight in the saved dtype.
@@ -133,6 +134,8 @@ def merge_to_folder(
         base.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        card = model_card(loaded, KIND, base_name(source), out.name)
+        (tmp / CARD_NAME).write_text(card, encoding="utf-8")
     return MergeResult(
         out, source, dtype_name(saved), n_modules, diff, tolerance, tokenizer is not None, quantized_diff
     )

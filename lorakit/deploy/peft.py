@@ -44,6 +44,7 @@ from ..lora.adapter import (
 from ..lora.base import linear_at
 from ..lora.targets import Target
 from ..lora.wrap import wrap_targets
+from .card import CARD_NAME, model_card
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -106,6 +107,8 @@ def export_peft(adapter: str | os.PathLike, out: str | os.PathLike, overwrite: b
     with atomic_dir(out, overwrite, kind=KIND) as tmp:
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        card = model_card(source, KIND, config.get("base_model_name_or_path") or source.base_model, out.name)
+        (tmp / CARD_NAME).write_text(card, encoding="utf-8")
     return out
 
 
