@@ -546,6 +546,103 @@ def inspect(
         print_inspect_report(report, _console())
 
 
+@app.command()
+@_friendly
+def generate(
+    adapter: Annotated[Path | None, typer.Argument(help="The adapter (none: the base alone).")] = None,
+    prompt: Annotated[list[str] | None, typer.Option(help="A prompt (repeat for several).")] = None,
+    prompts_file: Annotated[Path | None, typer.Option(help="A text file of prompts, one a line.")] = None,
+    model: Annotated[str | None, typer.Option(help="Base hub id or folder (default: the adapter's base).")] = None,
+    chat: Annotated[
+        bool | None, typer.Option("--chat/--no-chat", help="Use the chat template [default: if the tokenizer has one].")
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Most tokens generated per prompt.")] = 128,
+    num_beams: Annotated[int, typer.Option(help="Beam size (1: greedy).")] = 1,
+    temperature: Annotated[float, typer.Option(help="0: greedy; above 0: sampling at this temperature.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Sampling: the smallest token set with this probability.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed of the sampling.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Prompts per batch.")] = 8,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines {prompt, output} instead.")] = False,
+    trust_remote_code: Annotated[
+        bool, typer.Option("--trust-remote-code", help="Allow model code from the hub.")
+    ] = False,
+    allow_pickle: Annotated[
+        bool, typer.Option("--allow-pickle", help="Load a base stored only as pytorch_model.bin.")
+    ] = False,
+) -> None:
+    """Continue prompts with the adapter (greedy, beam search or sampling); chat models get their template."""
+    from .evaluation.generation import generate_texts, load_adapted, read_prompts, uses_chat_template
+
+    texts = list(prompt or []) + (read_prompts(prompts_file) if prompts_file is not None else [])
+    if not texts:
+        raise LorakitError("no prompt given; pass --prompt TEXT (repeatable) or --prompts-file FILE")
+    options = _decoding(max_new_tokens, num_beams, temperature, top_p, batch_size)
+    _quiet_transformers()
+    adapted = load_adapted(adapter, model, trust_remote_code, allow_pickle)
+    import torch
+
+    torch.manual_seed(seed)
+    outputs = generate_texts(adapted, texts, options, uses_chat_template(adapted.tokenizer, chat))
+    if as_json:
+        for text, output in zip(texts, outputs):
+            sys.stdout.write(json.dumps({"prompt": text, "output": output}, ensure_ascii=False) + "\n")
+        return
+    from rich.markup import escape
+
+    console = _console()
+    for text, output in zip(texts, outputs):
+        console.print(f"[bold]> {escape(text)}[/]")
+        console.print(escape(output))
+
+
+@app.command("chat")
+@_friendly
+def chat_(
+    adapter: Annotated[Path | None, typer.Argument(help="The adapter (none: the base alone).")] = None,
+    model: Annotated[str | None, typer.Option(help="Base hub id or folder (default: the adapter's base).")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Most tokens of each answer.")] = 256,
+    temperature: Annotated[float, typer.Option(help="0: greedy; above 0: sampling at this temperature.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Sampling: the smallest token set with this probability.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed of the sampling.")] = 0,
+    trust_remote_code: Annotated[
+        bool, typer.Option("--trust-remote-code", help="Allow model code from the hub.")
+    ] = False,
+    allow_pickle: Annotated[
+        bool, typer.Option("--allow-pickle", help="Load a base stored only as pytorch_model.bin.")
+    ] = False,
+) -> None:
+    """Talk to the adapter: one line a turn, /reset forgets the conversation, /exit or Ctrl-D ends it."""
+    from .evaluation.generation import chat_loop, load_adapted, uses_chat_template
+
+    options = _decoding(max_new_tokens, 1, temperature, top_p, 1)
+    options.stop = ""
+    _quiet_transformers()
+    adapted = load_adapted(adapter, model, trust_remote_code, allow_pickle)
+    if not uses_chat_template(adapted.tokenizer, None):
+        raise LorakitError(f"{adapted.base}: its tokenizer has no chat template; try lorakit generate --prompt")
+    import torch
+
+    torch.manual_seed(seed)
+    from rich.markup import escape
+
+    console = _console()
+    console.print(f"chat with {escape(str(adapter or adapted.base))}; /reset, /exit or Ctrl-D")
+    chat_loop(adapted, options, lambda: input("> "), lambda text: console.print(escape(text)))
+
+
+def _decoding(max_new_tokens: int, num_beams: int, temperature: float, top_p: float, batch_size: int) -> Any:
+    """Decoding options for generate and chat, refused with one line when they cannot work."""
+    from .evaluation.evaluate import GenerateOptions, decoding_problems
+
+    options = GenerateOptions(
+        num_beams=num_beams, max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature, top_p=top_p
+    )
+    problems = decoding_problems(options)
+    if problems:
+        raise LorakitError("; ".join(problems))
+    return options
+
+
 def main() -> None:
     """Entry point for `python -m lorakit`."""
     app(prog_name="lorakit")

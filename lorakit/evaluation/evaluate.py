@@ -43,6 +43,9 @@ class GenerateOptions:
     length_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
     batch_size: int = 8
+    temperature: float = 0.0
+    """0: greedy (or beam search); above 0: sampling at this temperature, from the `top_p` nucleus."""
+    top_p: float = 1.0
     stop: str = "\n\n"
     """Generated text is cut at the first occurrence (the paper's E2E decoding stops at a blank line)."""
 
@@ -104,7 +107,7 @@ def generate(model: nn.Module, tokenizer: Any, prompts: list[list[int]], options
         out = model.generate(
             input_ids=ids,
             attention_mask=mask,
-            do_sample=False,
+            **_sampling(options),
             num_beams=options.num_beams,
             length_penalty=options.length_penalty,
             no_repeat_ngram_size=options.no_repeat_ngram_size,
@@ -116,6 +119,12 @@ def generate(model: nn.Module, tokenizer: Any, prompts: list[list[int]], options
             text = tokenizer.decode(row, skip_special_tokens=True)
             texts.append(text.split(options.stop)[0].strip() if options.stop else text.strip())
     return texts
+
+
+def _sampling(options: GenerateOptions) -> dict[str, Any]:
+    if options.temperature > 0:
+        return {"do_sample": True, "temperature": options.temperature, "top_p": options.top_p}
+    return {"do_sample": False}
 
 
 @torch.no_grad()
@@ -233,24 +242,34 @@ def prediction_files(folder: Path, names: list[str]) -> list[Path]:
     return paths
 
 
-def check_eval_options(
-    options: GenerateOptions, max_length: int, limit: int | None, threads: int | None, out: Path | None
-) -> None:
-    """Refuse values that cannot work, before anything loads (one line naming the option)."""
+def decoding_problems(options: GenerateOptions) -> list[str]:
+    """What cannot work in the decoding settings, each naming its option."""
     problems = []
     for name, value, low in (
         ("--batch-size", options.batch_size, 1),
         ("--num-beams", options.num_beams, 1),
         ("--max-new-tokens", options.max_new_tokens, 1),
         ("--no-repeat-ngram-size", options.no_repeat_ngram_size, 0),
-        ("--max-length", max_length, 2),
-        ("--limit", limit, 1),
-        ("--threads", threads, 1),
     ):
-        if value is not None and value < low:
+        if value < low:
             problems.append(f"{name} must be at least {low}, got {value}")
     if not math.isfinite(options.length_penalty):
         problems.append(f"--length-penalty must be a finite number, got {options.length_penalty}")
+    if not (math.isfinite(options.temperature) and options.temperature >= 0):
+        problems.append(f"--temperature must be 0 (greedy) or more and finite, got {options.temperature}")
+    if not 0 < options.top_p <= 1:
+        problems.append(f"--top-p must be in (0, 1], got {options.top_p}")
+    return problems
+
+
+def check_eval_options(
+    options: GenerateOptions, max_length: int, limit: int | None, threads: int | None, out: Path | None
+) -> None:
+    """Refuse values that cannot work, before anything loads (one line naming the option)."""
+    problems = decoding_problems(options)
+    for name, value, low in (("--max-length", max_length, 2), ("--limit", limit, 1), ("--threads", threads, 1)):
+        if value is not None and value < low:
+            problems.append(f"{name} must be at least {low}, got {value}")
     if out is not None and out.is_symlink() and not out.exists():
         problems.append(f"--out {out} is a broken symbolic link (predictions files go into a folder)")
     elif out is not None and out.exists() and not out.is_dir():
