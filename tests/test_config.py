@@ -69,6 +69,7 @@ EVERYTHING = dict(
     nproc=2,
     threads=3,
     allow_pickle=True,
+    report_to="tensorboard,wandb",
 )
 
 

@@ -17,6 +17,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from ..errors import LorakitError
 from .data import DataSpec
+from .reporting import parse_report_to
 
 Precision = Literal["fp32", "bf16", "fp16"]
 Task = Literal["causal-lm", "classification"]
@@ -116,6 +117,8 @@ class TrainConfig:
     """Limit periodic evaluation to this many batches."""
     log_every: int = 1
     """Write a metrics line every N steps."""
+    report_to: str = "none"
+    """Also send the metrics to `tensorboard`, `wandb` (comma-separated) or `none`."""
     resume: bool = False
     overwrite: bool = False
     dry_run: bool = False
@@ -238,6 +241,10 @@ def _check_values(cfg: TrainConfig) -> list[str]:
     need("seed", 0 <= cfg.seed < SEED_LIMIT, "0 or more and below 2**63")
     if cfg.layers is not None:
         need("layers", bool(cfg.layers) and min(cfg.layers) >= 0, "a non-empty list of block indices (0 or more)")
+    try:
+        parse_report_to(cfg.report_to)
+    except LorakitError as e:
+        problems.append(f"report_to: {e}")
     if cfg.num_labels is not None and cfg.task != "classification":
         problems.append(f"num_labels: only for task classification, got task {cfg.task}")
     if cfg.resume and cfg.overwrite:
@@ -311,7 +318,7 @@ RESUME_MAY_CHANGE = frozenset(
     ("model", "data", "eval_data", "split", "eval_split", "data_config", "text_field", "prompt_field")
     + ("completion_field", "messages_field", "label_field", "prompt_template", "completion_template", "limit")
     + ("eval_limit", "max_length", "trust_remote_code", "allow_pickle", "out", "save_every", "eval_every")
-    + ("log_every", "resume", "overwrite", "dry_run", "nproc", "threads")
+    + ("log_every", "report_to", "resume", "overwrite", "dry_run", "nproc", "threads")
 )
 
 

@@ -46,6 +46,7 @@ from .data import Encoded, Rows, batch_order, collate, encode, read_rows, to_dev
 from .distributed import World, all_sum, barrier, device_for, gather_objects, init_world, shutdown
 from .loss import LossStep, dataset_loss, label_count
 from .precision import Autocast, autocast_for, check_precision, fp32_master_weights, gradient_scaler
+from .reporting import Reporters, check_available, parse_report_to
 from .runfolder import MetricsLog, check_run_folder, claim_run_folder, plot_losses, save_config
 
 
@@ -123,6 +124,7 @@ def train(cfg: TrainConfig, console: Any = None) -> TrainResult:
     with contextlib.ExitStack() as stack:
         stack.callback(shutdown, world)
         out = check_run_folder(cfg)
+        check_available(parse_report_to(cfg.report_to))  # a missing extra: now, not after loading
         changes = check_same_settings(cfg, out) if cfg.resume else []
         locked = world.main and out.is_dir()
         if locked:  # an existing folder: claim it before the slow part, so a second run fails at once
@@ -133,10 +135,13 @@ def train(cfg: TrainConfig, console: Any = None) -> TrainResult:
         barrier(world)
         state = resume(run) if cfg.resume else new_state(run)
         if world.main:  # resume/overwrite act on this invocation: saved as false, config.yaml never deletes a run
-            nproc = world.local_size if world.distributed else run.cfg.nproc
-            saved = replace(run.cfg, resume=False, overwrite=False, nproc=nproc)
+            saved = saved_config(run)
             save_config(out, saved, state.step if cfg.resume else None, changes)  # a resume: changes as comments
-        run.log = MetricsLog(out / "metrics.jsonl", state.step if cfg.resume else None, enabled=world.main)
+        reporters = Reporters(parse_report_to(cfg.report_to) if world.main else (), out, asdict(saved_config(run)))
+        stack.callback(reporters.close)
+        run.log = MetricsLog(
+            out / "metrics.jsonl", state.step if cfg.resume else None, enabled=world.main, also=reporters.log
+        )
         resumed_from = state.step if cfg.resume else None
         tokens, saved_at = fit(run, state)
         return finish(run, state, started, tokens, resumed_from, saved_at)
@@ -144,6 +149,13 @@ def train(cfg: TrainConfig, console: Any = None) -> TrainResult:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Set-up
+
+
+def saved_config(run: Run) -> TrainConfig:
+    """The configuration config.yaml records: resume/overwrite act on one invocation and are saved as false (so
+    config.yaml used as a recipe never deletes a run); nproc as the run had it."""
+    nproc = run.world.local_size if run.world.distributed else run.cfg.nproc
+    return replace(run.cfg, resume=False, overwrite=False, nproc=nproc)
 
 
 def setup(cfg: TrainConfig, world: World, out: Path, console: Any) -> Run:

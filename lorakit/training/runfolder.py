@@ -17,6 +17,7 @@ import contextlib
 import io
 import json
 import math
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -86,9 +87,12 @@ class MetricsLog:
     """metrics.jsonl, one JSON object per line; on resume, lines after the checkpoint's step are dropped, and so is
     a damaged line (what a kill or a full disk leaves at the end)."""
 
-    def __init__(self, path: Path, resume_step: int | None, enabled: bool = True) -> None:
+    def __init__(
+        self, path: Path, resume_step: int | None, enabled: bool = True, also: Callable[[dict], None] | None = None
+    ) -> None:
         self.path = path
         self.enabled = enabled
+        self.also = also  # another sink for each record (--report-to)
         self.records: list[dict[str, Any]] = []
         if not enabled:
             return
@@ -105,6 +109,8 @@ class MetricsLog:
         self.records.append(record)
         if not self.enabled:
             return
+        if self.also is not None:
+            self.also(record)
         try:
             with self.path.open("a", encoding="utf-8") as f:
                 f.write(_line(record))
