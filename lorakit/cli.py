@@ -408,6 +408,10 @@ def eval_(
         from .evaluation.evaluate import check_predictions_out
 
         check_predictions_out(out, list(adapters or []))  # a read-only or blocked --out: now, not after generating
+    if "task" not in _given(ctx, {"task": task}):
+        from .evaluation.evaluate import recorded_task
+
+        task = recorded_task(list(adapters or [])) or task  # a classification adapter says so itself
     fields = ("prompt_field", "completion_field", "text_field", "messages_field", "label_field")
     fields += ("prompt_template", "completion_template")
     given = locals()

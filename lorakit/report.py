@@ -93,8 +93,11 @@ def _cell(value: Any) -> str:
 
 
 def eval_table(rows: list[dict[str, Any]]) -> Table:
-    """One row per evaluated model (the base first), one column per number."""
-    keys = [k for k in rows[0] if k not in ("name", "predictions")]
+    """One row per evaluated model (the base first), one column per number that means something for its task
+    (the JSON keeps every key)."""
+    keys = [k for k in rows[0] if k not in ("name", "predictions") and any(r.get(k) is not None for r in rows)]
+    if any("accuracy" in r for r in rows):  # classification: perplexity and label counts mean nothing to read
+        keys = [k for k in keys if k not in ("perplexity", "tokens")]
     table = Table(title="lorakit eval")
     table.add_column("model")
     for k in keys:

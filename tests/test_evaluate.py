@@ -180,3 +180,25 @@ def test_classification_with_three_labels_has_accuracy_only(tmp_path):
     data = labelled_csv(tmp_path / "three.csv", 9, 3)
     [base] = eval_json("--data", str(data), "--task", "classification", "--model", str(model))
     assert "accuracy" in base and "f1" not in base
+
+
+def test_a_classification_adapter_needs_no_task_flag_and_shows_its_columns(tmp_path):
+    from tiny import save_model, tiny_bert
+    from typer.testing import CliRunner
+
+    from lorakit.cli import app
+
+    runner = CliRunner()
+    base = save_model(tiny_bert(num_labels=2), tmp_path / "bert")
+    rows = "text,label\n" + "".join(f"w{4 + i} w{9 + i},{i % 2}\n" for i in range(8))
+    (tmp_path / "data.csv").write_text(rows)
+    train = ["train", "--model", str(base), "--task", "classification", "--data", str(tmp_path / "data.csv")]
+    assert runner.invoke(app, [*train, "--max-steps", "2", "--out", str(tmp_path / "run")]).exit_code == 0
+    adapter = str(tmp_path / "run" / "adapter.safetensors")
+
+    shown = runner.invoke(app, ["eval", adapter, "--data", str(tmp_path / "data.csv")], terminal_width=200)
+    assert shown.exit_code == 0, shown.output
+    assert "accuracy" in shown.stdout and "perplexity" not in shown.stdout and "tokens" not in shown.stdout
+    as_json = runner.invoke(app, ["eval", adapter, "--data", str(tmp_path / "data.csv"), "--json"])
+    results = json.loads(as_json.stdout)["results"]
+    assert [set(r) >= {"name", "loss", "perplexity", "accuracy"} for r in results] == [True, True]  # JSON: every key

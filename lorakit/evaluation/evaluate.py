@@ -262,6 +262,23 @@ def decoding_problems(options: GenerateOptions) -> list[str]:
     return problems
 
 
+def recorded_task(adapters: list[Path]) -> str | None:
+    """The task the adapters were trained for, when one of them records a classification head; else None."""
+    from ..lora.adapter import read_adapter
+
+    for path in adapters:
+        metadata = read_adapter(path).metadata
+        if "num_labels" in metadata:
+            return "classification"
+        try:
+            task = json.loads(metadata.get("train_config", "{}")).get("task")
+        except (ValueError, AttributeError):
+            task = None
+        if task == "classification":
+            return "classification"
+    return None
+
+
 def check_eval_options(
     options: GenerateOptions, max_length: int, limit: int | None, threads: int | None, out: Path | None
 ) -> None:
