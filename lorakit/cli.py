@@ -13,10 +13,11 @@ import json
 import logging
 import os
 import sys
+import textwrap
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin, get_type_hints
 
 import typer
 import typer.core
@@ -175,46 +176,168 @@ def _print(lines: list[str]) -> None:
         console.print(line)
 
 
+class _TrainCommand(typer.core.TyperCommand):
+    """`lorakit train --help`: every option with its default (from TrainConfig, so the help never drifts from what a
+    run uses), switches without a value, option names never cut at any width (a name longer than the name column
+    gets a line of its own, as click does), and the recipe-only keys in the epilog."""
+
+    NAME_WIDTH = 30
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        from rich.console import Console, Group
+        from rich.panel import Panel
+        from rich.table import Table
+        from rich.text import Text
+
+        from .training.config import FIELDS, TrainConfig
+
+        hints = get_type_hints(TrainConfig)
+        console = Console(highlight=False)
+        options = [p for p in self.get_params(ctx) if p.param_type_name == "option" and not p.hidden]
+        arguments = [p for p in self.get_params(ctx) if p.param_type_name == "argument"]
+        console.print(Text(f"\n Usage: {ctx.command_path} {' '.join(self.collect_usage_pieces(ctx))}\n", no_wrap=True))
+        paragraph = functools.partial(textwrap.fill, width=max(console.width - 2, 40), initial_indent=" ")
+        console.print(Text(paragraph(self.help or "", subsequent_indent=" ") + "\n", no_wrap=True))
+
+        def rows(entries: list[tuple[str, str]]) -> Group:
+            narrow = max(12, (console.width - 4) * 2 // 5)  # a narrow terminal keeps room for the help
+            width = min(self.NAME_WIDTH, narrow, max(len(name) for name, _ in entries))
+            parts: list[Any] = []
+            for name, text in entries:
+                grid = Table.grid(padding=(0, 2, 0, 0))
+                grid.add_column(width=width, no_wrap=True, style="bold cyan")
+                grid.add_column(ratio=1)
+                if len(name) > width:  # its own line, the help below it in the help column
+                    parts.append(Text(name, style="bold cyan", no_wrap=True, overflow="ignore"))
+                    name = ""
+                grid.add_row(Text(name), Text(text))
+                parts.append(grid)
+            return Group(*parts)
+
+        if arguments:
+            entries = [(p.name or "", getattr(p, "help", None) or "") for p in arguments]
+            console.print(Panel(rows(entries), title="Arguments", title_align="left", border_style="dim"))
+        entries = [(_option_names(p, hints.get(p.name)), _option_help(p, FIELDS.get(p.name))) for p in options]
+        console.print(Panel(rows(entries), title="Options", title_align="left", border_style="dim"))
+        epilog = _train_epilog(set(FIELDS) - {p.name for p in options})
+        console.print(Text(paragraph(epilog, subsequent_indent=" "), no_wrap=True))
+
+
+def _option_names(param: Any, hint: Any) -> str:
+    """`--rank INT`, `--precision fp32|bf16|fp16`, `--resume / --no-resume` (a switch takes no value); the value's
+    kind from TrainConfig's type of the option (`hint`), not from the parser, whose attributes vary by version."""
+    names = " / ".join([*param.opts, *param.secondary_opts])
+    if getattr(param, "is_flag", False) or hint is None:
+        return names
+    if get_origin(hint) is Literal:
+        return f"{names} {'|'.join(get_args(hint))}"
+    kinds = [a for a in get_args(hint) if a is not type(None)] or [hint]
+    kind = {int: "INT", float: "FLOAT"}.get(kinds[0], "LIST" if get_origin(kinds[0]) is list else "TEXT")
+    return f"{names} {kind}"
+
+
+def _option_help(param: Any, field: Any) -> str:
+    """The option's help with `[default: ...]`: TrainConfig's default (`off` for a switch); an option whose default
+    is None says in its help what that means."""
+    text = param.help or ""
+    if field is None or "[default:" in text or field.default is None:
+        return text
+    return f"{text} [default: {_shown_default(field.default)}]".strip()
+
+
+def _shown_default(value: Any) -> str:
+    """2e-4, 1e-6, 32, 0.999, off, q,v: as a user would type it."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        if value != 0 and abs(value) < 1e-3:
+            mantissa, exponent = f"{value:e}".split("e")
+            return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+        return f"{value:g}"
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def _train_epilog(recipe_only: set[str]) -> str:
+    """What a recipe holds: the options as snake_case keys, and the keys that have no flag (none at present)."""
+    text = (
+        "A recipe YAML holds any of these options as snake_case keys (lr_scheduler: cosine); flags given on the "
+        "command line override it, and the run folder's config.yaml records every key."
+    )
+    if recipe_only:
+        text += " Keys without a flag (recipe only): " + ", ".join(sorted(recipe_only)) + "."
+    return text
+
+
 Precision = Literal["fp32", "bf16", "fp16"]
 Task = Literal["causal-lm", "classification"]
+Scheduler = Literal["linear", "cosine", "constant"]
 
 
 # train and eval are long only by their option declarations (one per setting, with its help text); their
-# bodies hand the parsed values to the library.
-@app.command()
+# bodies hand the parsed values to the library. Options of train default to None (False for switches) so that
+# what was typed can be told from what was not (`_given`); `--help` shows the defaults of TrainConfig
+# (`_TrainCommand`), and an option whose default is None says what None means in its help.
+@app.command(cls=_TrainCommand)
 @_friendly
 def train(
     ctx: typer.Context,
     recipe: Annotated[
         Path | None, typer.Argument(help="A recipe YAML with any train options (flags override it).")
     ] = None,
-    model: Annotated[str | None, typer.Option(help="Hub id or model folder (default: packaged SmolLM2-135M).")] = None,
-    data: Annotated[
-        str | None, typer.Option(help="Training data: .jsonl/.json/.csv/.parquet, datasets folder, hub name.")
+    model: Annotated[
+        str | None, typer.Option(help="Hub id or model folder. [default: the packaged SmolLM2-135M-Instruct]")
     ] = None,
-    eval_data: Annotated[str | None, typer.Option(help="Evaluation data (same forms as --data).")] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="Training data: .jsonl/.json/.csv/.parquet, datasets folder, hub name. [default: the demo set]"
+        ),
+    ] = None,
+    eval_data: Annotated[
+        str | None, typer.Option(help="Evaluation data (same forms as --data). [default: none]")
+    ] = None,
+    val_split: Annotated[
+        float | None,
+        typer.Option(
+            help="Hold out this fraction (0 to 1) of the training rows for evaluation, chosen by --seed; "
+            "instead of --eval-data. [default: none]"
+        ),
+    ] = None,
     split: Annotated[str | None, typer.Option(help="Split of a hub dataset or datasets folder for --data.")] = None,
     eval_split: Annotated[str | None, typer.Option(help="Split for --eval-data.")] = None,
-    data_config: Annotated[str | None, typer.Option(help="Hub dataset configuration.")] = None,
+    data_config: Annotated[str | None, typer.Option(help="Hub dataset configuration. [default: none]")] = None,
     task: Annotated[Task | None, typer.Option(help="Model head and loss.")] = None,
-    num_labels: Annotated[int | None, typer.Option(help="Classes for --task classification.")] = None,
+    num_labels: Annotated[
+        int | None,
+        typer.Option(help="Classes for --task classification. [default: counted from the training labels]"),
+    ] = None,
     targets: Annotated[str | None, typer.Option(help="q,k,v,o,mlp,all-linear, module suffixes or re:REGEX.")] = None,
     rank: Annotated[int | None, typer.Option(help="LoRA rank r.")] = None,
     alpha: Annotated[float | None, typer.Option(help="LoRA alpha (the update is scaled by alpha/r).")] = None,
     dropout: Annotated[float | None, typer.Option(help="Dropout on the LoRA path's input.")] = None,
-    layers: Annotated[str | None, typer.Option(help="Adapt only these blocks, e.g. 0,1,2.")] = None,
+    layers: Annotated[
+        str | None, typer.Option(help="Adapt only these blocks, e.g. 0,1,2. [default: every block]")
+    ] = None,
     epochs: Annotated[float | None, typer.Option(help="Passes over the data.")] = None,
-    max_steps: Annotated[int | None, typer.Option(help="Optimizer steps (overrides --epochs).")] = None,
+    max_steps: Annotated[
+        int | None, typer.Option(help="Optimizer steps (overrides --epochs). [default: from --epochs]")
+    ] = None,
     batch_size: Annotated[int | None, typer.Option(help="Examples per micro-batch.")] = None,
     grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per optimizer step.")] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
-    warmup_steps: Annotated[int | None, typer.Option(help="Linear warmup steps.")] = None,
+    warmup_steps: Annotated[int | None, typer.Option(help="Linear warmup steps from 0 to the peak.")] = None,
+    lr_scheduler: Annotated[
+        Scheduler | None,
+        typer.Option(help="After the warmup: linear decay to 0 (the paper's), cosine decay to 0, or constant."),
+    ] = None,
     weight_decay: Annotated[float | None, typer.Option(help="AdamW weight decay.")] = None,
     adam_beta1: Annotated[float | None, typer.Option(help="AdamW beta1.")] = None,
     adam_beta2: Annotated[float | None, typer.Option(help="AdamW beta2.")] = None,
     adam_eps: Annotated[float | None, typer.Option(help="AdamW epsilon.")] = None,
     max_grad_norm: Annotated[
-        float | None, typer.Option(help="Clip the gradient norm (default and 0: no clipping).")
+        float | None, typer.Option(help="Clip the gradient norm (0: no clipping). [default: no clipping]")
     ] = None,
     label_smoothing: Annotated[float | None, typer.Option(help="Label smoothing epsilon.")] = None,
     max_length: Annotated[int | None, typer.Option(help="Truncate examples to this many tokens.")] = None,
@@ -226,10 +349,19 @@ def train(
         bool, typer.Option("--base-dropout/--no-base-dropout", help="Keep the base model's own dropout on.")
     ] = False,
     seed: Annotated[int | None, typer.Option(help="Random seed (same seed, same run).")] = None,
-    out: Annotated[str | None, typer.Option(help="Run folder (default: runs/<date>-<time>).")] = None,
-    save_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps (and at the end).")] = None,
-    eval_every: Annotated[int | None, typer.Option(help="Evaluate every N steps (and at the end).")] = None,
-    eval_batches: Annotated[int | None, typer.Option(help="Limit periodic evaluation to N batches.")] = None,
+    out: Annotated[str | None, typer.Option(help="Run folder. [default: runs/<date>-<time>]")] = None,
+    save_every: Annotated[
+        int | None, typer.Option(help="Checkpoint every N steps (and at the end). [default: only at the end]")
+    ] = None,
+    save_total_limit: Annotated[
+        int | None, typer.Option(help="Checkpoints kept: the newest N by step (older ones are removed).")
+    ] = None,
+    eval_every: Annotated[
+        int | None, typer.Option(help="Evaluate every N steps (and at the end). [default: only at the end]")
+    ] = None,
+    eval_batches: Annotated[
+        int | None, typer.Option(help="Limit periodic evaluation to N batches. [default: all]")
+    ] = None,
     log_every: Annotated[int | None, typer.Option(help="Write a metrics line every N steps.")] = None,
     report_to: Annotated[
         str | None, typer.Option(help="Also log to tensorboard, wandb (comma-separated) or none.")
@@ -245,10 +377,16 @@ def train(
     text_field: Annotated[str | None, typer.Option(help="Field holding plain text.")] = None,
     messages_field: Annotated[str | None, typer.Option(help="Field holding chat messages.")] = None,
     label_field: Annotated[str | None, typer.Option(help="Field holding the class label.")] = None,
-    prompt_template: Annotated[str | None, typer.Option(help='Prompt format string, e.g. "{mr}{eos}".')] = None,
-    completion_template: Annotated[str | None, typer.Option(help='Completion format string, e.g. " {ref}".')] = None,
-    limit: Annotated[int | None, typer.Option(help="Use only the first N training rows.")] = None,
-    eval_limit: Annotated[int | None, typer.Option(help="Use only the first N evaluation rows.")] = None,
+    prompt_template: Annotated[
+        str | None, typer.Option(help='Prompt format string, e.g. "{mr}{eos}". [default: the prompt field]')
+    ] = None,
+    completion_template: Annotated[
+        str | None, typer.Option(help='Completion format string, e.g. " {ref}". [default: the completion field]')
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Use only the first N training rows. [default: all rows]")] = None,
+    eval_limit: Annotated[
+        int | None, typer.Option(help="Use only the first N evaluation rows. [default: all rows]")
+    ] = None,
     trust_remote_code: Annotated[
         bool, typer.Option("--trust-remote-code/--no-trust-remote-code", help="Allow model code from the hub.")
     ] = False,
@@ -261,11 +399,16 @@ def train(
     ] = False,
     dry_run: Annotated[
         bool,
-        typer.Option("--dry-run/--no-dry-run", help="Parameter counts, adapter size, memory estimate; no weights."),
+        typer.Option(
+            "--dry-run/--no-dry-run", help="Parameter counts, adapter size, memory estimate, steps; no weights."
+        ),
     ] = False,
-    nproc: Annotated[int | None, typer.Option(help="Processes on this machine (launched through torchrun).")] = None,
+    nproc: Annotated[
+        int | None, typer.Option(help="Processes on this machine (launched through torchrun). [default: 1]")
+    ] = None,
     threads: Annotated[
-        int | None, typer.Option(help="CPU threads per process (fewer than cores on a busy machine).")
+        int | None,
+        typer.Option(help="CPU threads per process (fewer than cores on a busy machine). [default: torch's]"),
     ] = None,
 ) -> None:
     """Fine-tune a LoRA adapter. With no arguments: the packaged SmolLM2 on the built-in demo task."""
@@ -316,29 +459,34 @@ def _print_run(result: Any, cfg: Any, demo: bool, console: Any) -> None:
     console.print(report.train_table(result))
     if demo:
         from .demo import before_after_examples
+        from .models import cache_dir
 
-        for line in report.before_after_lines(before_after_examples(result.adapter, Path(cfg.eval_data))):
+        eval_path = Path(cfg.eval_data) if cfg.eval_data else cache_dir() / "demo" / "demo-eval.jsonl"  # --val-split
+        for line in report.before_after_lines(before_after_examples(result.adapter, eval_path)):
             console.print(line)
 
 
 def _with_demo_data(cfg: Any) -> Any:
-    """No --data: the generated demo set (and its eval split), written once to the cache."""
+    """No --data: the generated demo set (and its eval split, unless --val-split takes one from the training rows),
+    written once to the cache."""
     from dataclasses import replace
 
     from .demo import write_demo_data
     from .models import cache_dir
 
     train_path, eval_path = write_demo_data(cache_dir() / "demo")
-    return replace(cfg, data=str(train_path), eval_data=cfg.eval_data or str(eval_path))
+    eval_data = cfg.eval_data or (None if cfg.val_split is not None else str(eval_path))
+    return replace(cfg, data=str(train_path), eval_data=eval_data)
 
 
 def _dry_run(cfg: Any, console: Any) -> None:
     import torch
 
     from . import report
-    from .training.memory import dry_run_estimate
+    from .training.memory import dry_run
 
-    console.print(report.dry_run_table(cfg, dry_run_estimate(cfg), torch.cuda.is_available()))
+    plan = dry_run(cfg)
+    console.print(report.dry_run_table(cfg, plan.estimate, torch.cuda.is_available(), plan.data))
 
 
 @app.command("eval")
@@ -408,14 +556,14 @@ def eval_(
         from .evaluation.evaluate import check_predictions_out
 
         check_predictions_out(out, list(adapters or []))  # a read-only or blocked --out: now, not after generating
-    if "task" not in _given(ctx, {"task": task}):
-        from .evaluation.evaluate import recorded_task
-
-        task = recorded_task(list(adapters or [])) or task  # a classification adapter says so itself
     fields = ("prompt_field", "completion_field", "text_field", "messages_field", "label_field")
     fields += ("prompt_template", "completion_template")
     given = locals()
     spec = data_spec_of(data, split, data_config, limit, _given(ctx, {k: given[k] for k in fields}))
+    if "task" not in _given(ctx, {"task": task}):
+        from .evaluation.evaluate import recorded_task
+
+        task = recorded_task(list(adapters or [])) or task  # a classification adapter says so itself
     _quiet_transformers()
     if threads:
         import torch

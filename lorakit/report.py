@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from .deploy.merge import MergeResult
     from .training.config import TrainConfig
     from .training.loop import TrainResult
-    from .training.memory import MemoryEstimate
+    from .training.memory import DataShape, MemoryEstimate
 
 
 def _mib(n: float) -> str:
@@ -56,8 +56,9 @@ def before_after_lines(examples: list[dict[str, str]]) -> list[str]:
     return lines
 
 
-def dry_run_table(cfg: TrainConfig, est: MemoryEstimate, cuda: bool) -> Table:
-    """`lorakit train --dry-run`: counts, adapter size and memory, from the config alone."""
+def dry_run_table(cfg: TrainConfig, est: MemoryEstimate, cuda: bool, data: DataShape | None = None) -> Table:
+    """`lorakit train --dry-run`: counts, adapter size and memory from the config; examples and steps from local
+    data (`data`)."""
     from .models import PACKAGED
 
     table = Table(title=escape(f"lorakit train --dry-run: {cfg.model or PACKAGED}"))
@@ -69,7 +70,12 @@ def dry_run_table(cfg: TrainConfig, est: MemoryEstimate, cuda: bool) -> Table:
     weights = " (8-bit linear layers)" if cfg.load_in_8bit else f" ({cfg.precision})"
     table.add_row("weights", _mib(est.weights_bytes) + weights)
     table.add_row("LoRA parameters, gradients, AdamW state", _mib(est.lora_state_bytes))
-    table.add_row(f"activations, batch {cfg.batch_size} x {cfg.max_length} tokens", _mib(est.activation_bytes))
+    if data is not None:
+        for name, value in _data_rows(cfg, data):
+            table.add_row(name, escape(value))
+    batch, length = (data.batch_size, data.seq_len) if data is not None else (cfg.batch_size, cfg.max_length)
+    sized_by = f" ({escape(data.sized_by)})" if data is not None else ""
+    table.add_row(f"activations, batch {batch} x {length} tokens{sized_by}", _mib(est.activation_bytes))
     table.add_row("  with gradient checkpointing", _mib(est.activation_bytes_checkpointed))
     table.add_row("logits at label positions (+ gradient)", _mib(est.logits_bytes))
     chosen = est.peak_bytes_checkpointed if cfg.gradient_checkpointing else est.peak_bytes
@@ -82,6 +88,27 @@ def dry_run_table(cfg: TrainConfig, est: MemoryEstimate, cuda: bool) -> Table:
             "than this (bench/memory.py measures by how much)."
         )
     return table
+
+
+def _data_rows(cfg: TrainConfig, data: DataShape) -> list[tuple[str, str]]:
+    """Training examples, steps per epoch and total steps (what is known without downloading a hub dataset)."""
+    if data.examples is not None and not data.tokenized:
+        examples = f"{data.examples:,} rows (not tokenized)"
+    elif data.examples is not None:
+        lost = [f"{data.truncated:,} truncated to --max-length"] * bool(data.truncated)
+        lost += [f"{data.dropped:,} dropped"] * bool(data.dropped)
+        examples = f"{data.examples:,}" + (f" ({'; '.join(lost)})" if lost else "")
+    else:
+        examples = "unknown (a hub dataset is not downloaded)"
+    if data.eval_rows is not None:
+        examples += f"; {data.eval_rows:,} rows held out for evaluation (--val-split {cfg.val_split:g})"
+    per_epoch = f"{data.steps_per_epoch:,}" if data.steps_per_epoch is not None else "unknown"
+    if data.total_steps is None:
+        total = "unknown (--epochs over a dataset not downloaded)"
+    else:
+        epochs = f"{cfg.epochs:g} epoch" + ("" if cfg.epochs == 1 else "s")
+        total = f"{data.total_steps:,}" + (" (--max-steps)" if cfg.max_steps else f" ({epochs})")
+    return [("training examples", examples), ("steps per epoch", per_epoch), ("total steps", total)]
 
 
 def _cell(value: Any) -> str:

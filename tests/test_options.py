@@ -36,7 +36,7 @@ REFUSED = "refused"
 # Where 0 cannot work, the command line gives the smallest value that can (0 itself is in INVALID below).
 NO_ZERO = dict(rank=1, batch_size=1, grad_accum=1, max_length=2, num_labels=2, max_steps=1, log_every=1)
 NO_ZERO |= dict(save_every=1, eval_every=1, eval_batches=1, limit=1, eval_limit=1, nproc=1, threads=1)
-NO_ZERO |= dict(alpha=1e-3, lr=1e-6, epochs=0.01, adam_eps=1e-12)
+NO_ZERO |= dict(alpha=1e-3, lr=1e-6, epochs=0.01, adam_eps=1e-12, save_total_limit=1, val_split=0.01)
 
 
 def kind(name: str) -> tuple[Any, bool]:
@@ -223,6 +223,7 @@ INVALID += [("max_length", "1"), ("warmup_steps", "-1"), ("label_smoothing", "1"
 INVALID += [("epochs", "-1"), ("epochs", "nan"), ("epochs", "inf"), ("weight_decay", "-1"), ("weight_decay", "inf")]
 INVALID += [("max_grad_norm", "-1"), ("max_grad_norm", "nan"), ("adam_beta1", "1.5"), ("adam_beta1", "-0.1")]
 INVALID += [("adam_beta2", "1"), ("adam_eps", "-1"), ("adam_eps", "nan"), ("seed", "-1"), ("num_labels", "1")]
+INVALID += [("val_split", "1"), ("val_split", "-0.1"), ("val_split", "nan"), ("save_total_limit", "-1")]
 
 
 @pytest.mark.parametrize("where", ["line", "recipe"])

@@ -7,7 +7,8 @@
 
 A step folder is written under a temporary name, flushed to disk and renamed: its presence means it is complete.
 `--resume` continues from the newest step folder; `checkpoints/latest` names it too (for people and older
-versions) but never decides. Older folders are removed once a newer one is complete (`KEEP` are kept).
+versions) but never decides. Older folders are removed once a newer one is complete: the newest `--save-total-limit`
+(default `KEEP`) are kept, by step number.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ import torch
 from ..errors import LorakitError
 from ..files import atomic_dir, write_atomic
 from ..lora.adapter import Adapter, read_adapter, save_adapter
+from .config import TrainConfig
 
-KEEP = 2  # checkpoints kept; older ones are removed once a newer one is complete
+KEEP = TrainConfig.save_total_limit  # checkpoints kept by default; older ones go once a newer one is complete
 FILES = ("adapter.safetensors", "optimizer.safetensors", "state.json")
 _STEP_FOLDER = re.compile(r"step-(\d+)")
 
@@ -189,11 +191,15 @@ def save_checkpoint(
     state: RunState,
     base_model: str | None = None,
     rng: list[dict[str, torch.Tensor]] | None = None,
+    keep: int = KEEP,
 ) -> Path:
-    """Write a complete checkpoint of `state.step`, then point `latest` at it and prune old ones.
+    """Write a complete checkpoint of `state.step`, then point `latest` at it and prune old ones: the newest `keep`
+    step folders (by step number, this one included) stay.
 
     `rng` holds every rank's generator states in a distributed run (default: this process's).
     """
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1, got {keep}")
     from safetensors.torch import save_file
 
     root = run_dir / "checkpoints"
@@ -214,7 +220,7 @@ def save_checkpoint(
     crash_point("published")
     write_atomic(root / "latest", target.name + "\n")
     crash_point("pointer")
-    for old in step_folders(root)[:-KEEP]:
+    for old in step_folders(root)[:-keep]:
         hidden = old.with_name(f".{old.name}.old")  # renamed first: a half-removed folder never looks complete
         os.replace(old, hidden)
         shutil.rmtree(hidden, ignore_errors=True)

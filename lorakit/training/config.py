@@ -21,6 +21,7 @@ from .reporting import parse_report_to
 
 Precision = Literal["fp32", "bf16", "fp16"]
 Task = Literal["causal-lm", "classification"]
+Scheduler = Literal["linear", "cosine", "constant"]
 
 
 @dataclass
@@ -52,6 +53,9 @@ class TrainConfig:
     """Training data: .jsonl/.json/.csv/.parquet, a saved datasets folder or a hub dataset; None: the demo set."""
     eval_data: str | None = None
     """Evaluation data (same forms as `data`)."""
+    val_split: float | None = None
+    """Without eval_data: hold out this fraction (in (0, 1)) of the training rows, chosen by `seed`, as the evaluation
+    data (never trained on); `ceil(rows x val_split)` rows are held out."""
     split: str = DataSpec.split
     """Split of a hub dataset or DatasetDict folder for `data`."""
     eval_split: str = "validation"
@@ -96,7 +100,9 @@ class TrainConfig:
     """Micro-batches per optimizer step."""
     lr: float = 2e-4
     warmup_steps: int = 0
-    """Linear warmup from 0, then linear decay to 0 at the last step."""
+    """Linear warmup from 0 to the peak `lr` over this many steps, then the `lr_scheduler` schedule."""
+    lr_scheduler: Scheduler = "linear"
+    """After the warmup: `linear` decay to 0 (the paper's), `cosine` decay to 0, or `constant` at the peak."""
     weight_decay: float = 0.01
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -111,6 +117,8 @@ class TrainConfig:
     """Run folder (default: runs/<date>-<time>)."""
     save_every: int | None = None
     """Checkpoint every N steps (always at the end)."""
+    save_total_limit: int = 2
+    """Checkpoints kept: the newest N by step number (older ones are removed once a newer one is complete)."""
     eval_every: int | None = None
     """Evaluate on eval_data every N steps (always at the end when eval_data is given)."""
     eval_batches: int | None = None
@@ -122,7 +130,8 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     dry_run: bool = False
-    """Print parameter counts, adapter size and a memory estimate from the config alone; train nothing."""
+    """Print parameter counts, adapter size, a memory estimate and the run's length (local data is tokenized; no
+    weights load); train nothing."""
     nproc: int | None = None
     """Launch this many processes through torchrun (data-parallel training on this machine)."""
     threads: int | None = None
@@ -198,7 +207,7 @@ def _coerce(name: str, value: Any) -> Any:
 
 
 POSITIVE_INTS = ("rank", "batch_size", "grad_accum", "log_every", "max_steps", "save_every", "eval_every")
-POSITIVE_INTS += ("eval_batches", "limit", "eval_limit", "nproc", "threads")
+POSITIVE_INTS += ("eval_batches", "limit", "eval_limit", "nproc", "threads", "save_total_limit")
 POSITIVE_FLOATS = ("alpha", "lr", "epochs", "adam_eps")
 FRACTIONS = ("dropout", "label_smoothing", "adam_beta1", "adam_beta2")  # in [0, 1)
 NON_NEGATIVE_FLOATS = ("weight_decay", "max_grad_norm")
@@ -239,6 +248,9 @@ def _check_values(cfg: TrainConfig) -> list[str]:
     need("num_labels", cfg.num_labels is None or cfg.num_labels >= 2, "at least 2")
     need("warmup_steps", cfg.warmup_steps >= 0, "0 or more")
     need("seed", 0 <= cfg.seed < SEED_LIMIT, "0 or more and below 2**63")
+    need("val_split", cfg.val_split is None or 0.0 < cfg.val_split < 1.0, "in (0, 1)")
+    if cfg.val_split is not None and cfg.eval_data:
+        problems.append("val_split and eval_data: choose one (val_split holds out training rows for evaluation)")
     if cfg.layers is not None:
         need("layers", bool(cfg.layers) and min(cfg.layers) >= 0, "a non-empty list of block indices (0 or more)")
     try:
@@ -318,7 +330,7 @@ RESUME_MAY_CHANGE = frozenset(
     ("model", "data", "eval_data", "split", "eval_split", "data_config", "text_field", "prompt_field")
     + ("completion_field", "messages_field", "label_field", "prompt_template", "completion_template", "limit")
     + ("eval_limit", "max_length", "trust_remote_code", "allow_pickle", "out", "save_every", "eval_every")
-    + ("log_every", "report_to", "resume", "overwrite", "dry_run", "nproc", "threads")
+    + ("log_every", "report_to", "resume", "overwrite", "dry_run", "nproc", "threads", "save_total_limit")
 )
 
 

@@ -18,6 +18,8 @@ import csv
 import hashlib
 import io
 import json
+import math
+import random
 import re
 import string
 import sys
@@ -75,10 +77,25 @@ class Rows:
     lines: list[int] | None = None  # physical line of each row (.jsonl, .csv); None: rows are numbered 1, 2, ...
     label_names: list[str] | None = None  # classification with string labels: id -> name (sorted)
     num_labels: int | None = None  # classification only
+    index: list[int] | None = None  # position of each row in the source (a split's rows); None: 0, 1, ...
 
     def where(self, i: int) -> str:
         """`data.jsonl:17` or `data.parquet row 3`: the place of row i for messages."""
-        return f"{self.source}:{self.lines[i]}" if self.lines is not None else f"{self.source} row {i + 1}"
+        if self.lines is not None:
+            return f"{self.source}:{self.lines[i]}"
+        return f"{self.source} row {(self.index[i] if self.index is not None else i) + 1}"
+
+    def subset(self, positions: list[int]) -> Rows:
+        """These rows (positions in this Rows), with their places in the source and the same labels."""
+        return Rows(
+            rows=[self.rows[i] for i in positions],
+            format=self.format,
+            source=self.source,
+            lines=[self.lines[i] for i in positions] if self.lines is not None else None,
+            label_names=self.label_names,
+            num_labels=self.num_labels,
+            index=[self.index[i] if self.index is not None else i for i in positions],
+        )
 
 
 @dataclass
@@ -163,6 +180,38 @@ def read_rows(
     return result
 
 
+def split_rows(rows: Rows, fraction: float, seed: int) -> tuple[Rows, Rows]:
+    """(training rows, evaluation rows): `ceil(len x fraction)` rows held out for evaluation, chosen by `seed` (the
+    same seed and rows give the same split, on every machine and Python version), both in source order.
+
+    Raises:
+        LorakitError: the fraction is not in (0, 1), or holding the rows out would leave none to train on.
+    """
+    n = len(rows.rows)
+    if not 0.0 < fraction < 1.0:
+        raise LorakitError(f"--val-split must be in (0, 1), got {fraction}")
+    held = math.ceil(round(n * fraction, 9))  # rounded first: 100 x 0.07 is 7.000000000000001 in floats
+    if held >= n:
+        raise LorakitError(
+            f"--val-split {fraction:g}: {rows.source} has {n} row(s); holding out {held} for evaluation leaves none "
+            "to train on (use more rows, a smaller --val-split or --eval-data)"
+        )
+    # A string seed is hashed (SHA-512) by random.Random: stable across versions, and unrelated to the batch order
+    # that torch draws from the same --seed.
+    chosen = set(random.Random(f"lorakit --val-split {seed}").sample(range(n), held))
+    train = [i for i in range(n) if i not in chosen]
+    return rows.subset(train), rows.subset(sorted(chosen))
+
+
+def is_hub_dataset(source: str) -> bool:
+    """Whether `read_rows` would load `source` from the hub: no such file or folder here, and not named like a
+    file (a missing `train.jsonl` or `./data` is an error, not a hub name)."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return False
+    return not (path.suffix.lower() in _FILE_LIKE or source.startswith(("/", "./", "../", "~", ".\\")))
+
+
 def _load(spec: DataSpec) -> tuple[list[dict], list[int] | None]:
     """The raw rows of a file, a saved datasets folder or a hub dataset (and line numbers where they exist)."""
     path = Path(spec.source).expanduser()
@@ -170,7 +219,7 @@ def _load(spec: DataSpec) -> tuple[list[dict], list[int] | None]:
         return _read_file(path, spec.source, spec.limit)
     if path.is_dir():
         return _read_folder(path, spec), None
-    if path.suffix.lower() in _FILE_LIKE or spec.source.startswith(("/", "./", "../", "~", ".\\")):
+    if not is_hub_dataset(spec.source):
         raise LorakitError(f"{spec.source}: no such file")
     from ..hub import check_dataset_reachable
 

@@ -8,7 +8,7 @@
 
 `Run` holds what a run is set up with and never changes; `RunState` (checkpoint.py) what changes as it trains,
 which is exactly what a checkpoint stores. One optimizer step: micro-batches -> loss summed over label tokens /
-label tokens in the whole step -> backward -> (clip) -> AdamW at lr_at(step).
+label tokens in the whole step -> backward -> (clip) -> AdamW at lr_at(step) (warmup, then --lr-scheduler).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import FIELDS, RESUME_MAY_CHANGE, TrainConfig, build_config, read_recipe, resume_changes
-from .data import Encoded, Rows, batch_order, collate, encode, read_rows, to_device
+from .data import Encoded, Rows, batch_order, collate, encode, read_rows, split_rows, to_device
 from .distributed import World, all_sum, barrier, device_for, gather_objects, init_world, shutdown
 from .loss import LossStep, dataset_loss, label_count
 from .precision import Autocast, autocast_for, check_precision, fp32_master_weights, gradient_scaler
@@ -99,11 +99,33 @@ class Run:
     log: MetricsLog | None = None
 
 
-def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warmup to `peak`, then linear decay to 0."""
+def lr_at(step: int, total: int, warmup: int, peak: float, schedule: str = "linear") -> float:
+    """Learning rate of optimizer step `step` (0-based) of `total`: linear warmup to `peak` over `warmup` steps, then
+
+    - linear:   peak x (total - step) / (total - warmup), down to 0 at step `total` (the paper's);
+    - cosine:   peak x (1 + cos(pi x (step - warmup) / (total - warmup))) / 2, down to 0 at step `total`;
+    - constant: peak.
+
+    The last step (`total - 1`) still learns; the first step after the warmup runs at the peak.
+    """
     if step < warmup:
         return peak * (step + 1) / warmup
-    return peak * max(0.0, (total - step) / max(1, total - warmup))
+    if schedule == "constant":
+        return peak
+    if schedule == "linear":
+        return peak * max(0.0, (total - step) / max(1, total - warmup))
+    if schedule == "cosine":
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown lr schedule {schedule!r}; expected linear, cosine or constant")
+
+
+def run_length(examples: int, cfg: TrainConfig, world_size: int = 1) -> tuple[int, int, int]:
+    """(global micro-batches per epoch, optimizer steps per epoch, total steps) of a run on `examples` examples."""
+    batches = math.ceil(examples / (cfg.batch_size * world_size))
+    per_epoch = max(1, math.ceil(batches / cfg.grad_accum))
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
+    return batches, per_epoch, total
 
 
 def train(cfg: TrainConfig, console: Any = None) -> TrainResult:
@@ -167,13 +189,8 @@ def setup(cfg: TrainConfig, world: World, out: Path, console: Any) -> Run:
     model_config = load_config(cfg.model, trust_remote_code=cfg.trust_remote_code)
     check_task(model_config, cfg.task, cfg.model or base_name(None))
     max_length = capped_max_length(cfg.max_length, context_length(model_config), console)
-    encoded = encode(rows, tokenizer, max_length, cfg.data_spec("train"))
-    eval_encoded = encode(eval_rows, tokenizer, max_length, cfg.data_spec("eval")) if eval_rows else None
-    console.print(
-        f"data: {len(encoded.examples)} examples ({rows.format}) from {cfg.data}"
-        + (f"; {encoded.truncated} truncated to {max_length} tokens" if encoded.truncated else "")
-        + (f"; {encoded.dropped} dropped (nothing left to learn after truncation)" if encoded.dropped else "")
-    )
+    encoded, eval_encoded = encode_data(cfg, rows, eval_rows, tokenizer, max_length)
+    console.print(data_line(cfg, rows, eval_rows, encoded, max_length))
     pad_id = pad_id_of(tokenizer)
     device = device_for(world)
     check_precision(cfg.precision, cfg.load_in_8bit, device)
@@ -190,8 +207,7 @@ def setup(cfg: TrainConfig, world: World, out: Path, console: Any) -> Run:
         # Only parameters that require gradients (the LoRA A/B, a new head) are synchronized.
         step_module = DistributedDataParallel(step_module, device_ids=[device.index] if device.type == "cuda" else None)
     torch.manual_seed(cfg.seed + world.rank)  # LoRA dropout masks differ between ranks
-    batches_per_epoch = math.ceil(len(encoded.examples) / (cfg.batch_size * world.size))
-    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * max(1, math.ceil(batches_per_epoch / cfg.grad_accum))))
+    batches_per_epoch, _, total = run_length(len(encoded.examples), cfg, world.size)
     trainable = sum(p.numel() for p in params)
     console.print(
         f"model: {cfg.model or base_name(None)}; LoRA r={cfg.rank} alpha={cfg.alpha:g} on {cfg.targets}: "
@@ -208,14 +224,55 @@ def setup(cfg: TrainConfig, world: World, out: Path, console: Any) -> Run:
 
 
 def read_data(cfg: TrainConfig) -> tuple[Rows, Rows | None]:
-    """The training rows and the evaluation rows (labels mapped to the training ids), read and checked."""
+    """The training rows and the evaluation rows (labels mapped to the training ids), read and checked.
+
+    With `val_split` the evaluation rows are held out of the training rows (`split_rows`: the same `seed` gives the
+    same split, so a resumed run sees the same data); `eval_limit` keeps the first of them.
+    """
     rows = read_rows(cfg.data_spec("train"), task=cfg.task, num_labels=cfg.num_labels)
     if cfg.task == "classification" and cfg.num_labels is not None and cfg.num_labels < rows.num_labels:
         raise LorakitError(f"--num-labels {cfg.num_labels}: {cfg.data} has {rows.num_labels} classes")
+    if cfg.val_split is not None:
+        if cfg.eval_data:  # build_config refuses this too; a TrainConfig made by hand may hold both
+            raise LorakitError("--val-split and --eval-data: choose one")
+        rows, held = split_rows(rows, cfg.val_split, cfg.seed)
+        return rows, held.subset(list(range(min(len(held.rows), cfg.eval_limit or len(held.rows)))))
     if not cfg.eval_data:
         return rows, None
     classes = (cfg.num_labels or rows.num_labels) if cfg.task == "classification" else None
     return rows, read_rows(cfg.data_spec("eval"), task=cfg.task, label_names=rows.label_names, num_labels=classes)
+
+
+def encode_data(
+    cfg: TrainConfig, rows: Rows, eval_rows: Rows | None, tokenizer: Any, max_length: int
+) -> tuple[Encoded, Encoded | None]:
+    """The training and evaluation examples; evaluation rows held out by `val_split` that leave nothing to evaluate
+    are refused as such."""
+    encoded = encode(rows, tokenizer, max_length, cfg.data_spec("train"))
+    if eval_rows is None:
+        return encoded, None
+    try:
+        return encoded, encode(eval_rows, tokenizer, max_length, cfg.data_spec("eval"))
+    except LorakitError as e:
+        if cfg.val_split is None:
+            raise
+        held = f"the {len(eval_rows.rows)} row(s) held out by --val-split {cfg.val_split:g} leave no evaluation rows"
+        raise LorakitError(f"{held}: {e}") from None
+
+
+def data_line(cfg: TrainConfig, rows: Rows, eval_rows: Rows | None, encoded: Encoded, max_length: int) -> str:
+    """`data: N examples (format) from SOURCE`, with the --val-split counts, truncated and dropped rows."""
+    split = ""
+    if cfg.val_split is not None and eval_rows is not None:
+        split = (
+            f" (--val-split {cfg.val_split:g}, seed {cfg.seed}: {len(rows.rows)} rows to train on, "
+            f"{len(eval_rows.rows)} held out for evaluation)"
+        )
+    return (
+        f"data: {len(encoded.examples)} examples ({rows.format}) from {cfg.data}{split}"
+        + (f"; {encoded.truncated} truncated to {max_length} tokens" if encoded.truncated else "")
+        + (f"; {encoded.dropped} dropped (nothing left to learn after truncation)" if encoded.dropped else "")
+    )
 
 
 def capped_max_length(max_length: int, positions: int | None, console: Any) -> int:
@@ -365,7 +422,7 @@ def fit(run: Run, state: RunState) -> tuple[int, int | None]:
     with StopFlag() as stop, _progress(run.console, run.total_steps, state.step) as progress:
         while state.step < run.total_steps:
             t0 = time.perf_counter()
-            lr = lr_at(state.step, run.total_steps, cfg.warmup_steps, cfg.lr)
+            lr = lr_at(state.step, run.total_steps, cfg.warmup_steps, cfg.lr, cfg.lr_scheduler)
             loss, tokens = train_step(run, state, stream, lr, checkpoint_path(run, saved_at))
             tokens_seen += tokens
             tokens_per_s = tokens / max(time.perf_counter() - t0, 1e-9)
@@ -500,7 +557,8 @@ def checkpoint(run: Run, state: RunState) -> int:
     """Save a checkpoint of `state` (rank 0 writes; every rank's RNG state goes in); returns its step."""
     rng = gather_objects(run.world, rng_state())
     if run.world.main:
-        save_checkpoint(run.out, run.model, run.optimizer, state, base_model=run.base_model, rng=rng)
+        keep = run.cfg.save_total_limit
+        save_checkpoint(run.out, run.model, run.optimizer, state, base_model=run.base_model, rng=rng, keep=keep)
     barrier(run.world)
     return state.step
 

@@ -17,6 +17,9 @@ from torch import nn
 
 from .data import IGNORE, Example, collate, to_device
 
+LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+"""Config keys of models whose logits are post-processed: they run their own forward, logits at every position."""
+
 
 def _backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     """(decoder without LM head, LM head) when the model is a plain `backbone -> head` stack, else None."""
@@ -24,7 +27,7 @@ def _backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     backbone = getattr(model, "base_model", None)
     config = getattr(model, "config", None)
     # Models that post-process logits (soft-capping, scaling) go through their own forward.
-    special = any(getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
+    special = any(getattr(config, k, None) for k in LOGIT_POSTPROCESSING)
     if head is None or backbone is None or backbone is model or special:
         return None
     return backbone, head

@@ -1,7 +1,13 @@
-"""`lorakit train --dry-run`: parameter counts, adapter size and a peak-memory estimate without loading weights.
+"""`lorakit train --dry-run`: parameter counts, adapter size, a peak-memory estimate and the run's length without
+loading weights.
 
 The model is built from its config on the meta device (no memory, no download of weights), wrapped with the
-same LoRA layers the run would add, and counted. Peak memory is estimated as
+same LoRA layers the run would add, and counted. Local training data (a file or a saved datasets folder) is read,
+split (`--val-split`) and tokenized with the model's tokenizer as the run would (`DataShape`): activations are
+sized for the longest micro-batch the run can meet, the longest row times the batch size (the length-grouped
+sampler pads a batch to its longest row; no batch is longer), and the examples and steps are counted. A hub
+dataset is not downloaded: activations are sized for `--max-length` tokens per row, as a bound. Peak memory is
+estimated as
 
     weights (in their dtype) + LoRA parameters, gradients and AdamW moments (fp32: 16 bytes each)
     + activations kept for the backward pass + logits at label positions (and their gradient)
@@ -27,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import LorakitError
 from ..lora.layer import base_shape, is_linear_like
 from ..lora.targets import has_gated_mlp, input_group, layer_index
 from ..lora.wrap import add_lora, lora_layers
@@ -111,6 +118,7 @@ def estimate_memory(
     batch_size: int = 8,
     seq_len: int = 512,
     label_fraction: float = 1.0,
+    label_tokens: int | None = None,
     precision: str = "fp32",
     load_in_8bit: bool = False,
     checkpoint_keys: Collection[str] | None = None,
@@ -125,6 +133,7 @@ def estimate_memory(
         task: `causal-lm` or `classification`.
         batch_size: examples per micro-batch; seq_len: their (padded) length.
         label_fraction: share of positions with a label (logits are computed only there).
+        label_tokens: positions with a label in the micro-batch (default: batch_size x seq_len x label_fraction).
         precision: compute dtype of the frozen base (fp32, bf16, fp16).
         load_in_8bit: linear weights of the blocks stored in 8 bits.
         checkpoint_keys: tensor names in the checkpoint (classification: head parameters it lacks are new and
@@ -165,7 +174,8 @@ def estimate_memory(
     if task == "classification":
         logits = batch_size * int(getattr(config, "num_labels", 2)) * 4 * 2
     else:
-        logits = int(tokens * label_fraction) * vocab * 4 * 3  # fp32 logits, softmax and their gradient
+        labelled = int(tokens * label_fraction) if label_tokens is None else label_tokens
+        logits = labelled * vocab * 4 * 3  # fp32 logits, softmax and their gradient
     tensor_bytes = trainable * 4
     dtype = "int8" if load_in_8bit else DTYPE_NAMES[precision]
     return MemoryEstimate(
@@ -239,37 +249,114 @@ def adapter_file_bytes(model: nn.Module, dtype: str, base_model: str = "", extra
     return 8 + -(-len(text) // 8) * 8 + offset  # length prefix, header padded to 8 bytes, data
 
 
+@dataclass
+class DataShape:
+    """What the dry run knows of the run's data: the micro-batch the activations are sized for, and (local data)
+    the examples and steps."""
+
+    batch_size: int
+    """Rows of the micro-batch the activations are sized for."""
+    seq_len: int
+    """Its padded length in tokens."""
+    sized_by: str
+    """Why that length: the longest row of the data, or --max-length and the reason the data was not read."""
+    label_tokens: int | None = None
+    """Positions with a label in that micro-batch, at most (None: every position)."""
+    examples: int | None = None
+    """Training examples after encoding, or rows where they could not be tokenized (None: the data was not read)."""
+    tokenized: bool = True
+    truncated: int = 0
+    dropped: int = 0
+    eval_rows: int | None = None
+    """Rows held out for evaluation by --val-split."""
+    steps_per_epoch: int | None = None
+    total_steps: int | None = None
+
+
+@dataclass
+class DryRun:
+    estimate: MemoryEstimate
+    data: DataShape
+
+
 def dry_run_estimate(cfg: Any) -> MemoryEstimate:
     """The estimate for a TrainConfig: the model's config (and its checkpoint's tensor names), never its weights."""
+    return dry_run(cfg).estimate
+
+
+def dry_run(cfg: Any) -> DryRun:
+    """The estimate and the data's shape for a TrainConfig: the model's config, its checkpoint's tensor names and
+    its tokenizer (for local data), never its weights."""
     from ..models import base_name, check_task, context_length, load_config, resolve_source
 
     config = load_config(cfg.model, trust_remote_code=cfg.trust_remote_code)
     check_task(config, cfg.task, cfg.model or base_name(None))
     source = resolve_source(cfg.model)
     positions = context_length(config)
+    max_length = min(cfg.max_length, positions or cfg.max_length)  # as train() caps it
+    shape, num_labels = data_shape(cfg, max_length)
+    from .loss import LOGIT_POSTPROCESSING
+
+    if any(getattr(config, k, None) for k in LOGIT_POSTPROCESSING):  # logits at every position, not only labels
+        shape = replace(shape, label_tokens=None)
     if cfg.task == "classification":
-        config.num_labels = cfg.num_labels or _data_num_labels(cfg) or config.num_labels
-    return estimate_memory(
+        config.num_labels = cfg.num_labels or num_labels or config.num_labels
+    estimate = estimate_memory(
         config,
         cfg.targets,
         cfg.rank,
         cfg.alpha,
         layers=cfg.layers,
         task=cfg.task,
-        batch_size=cfg.batch_size,
-        seq_len=min(cfg.max_length, positions or cfg.max_length),  # as train() caps it
+        batch_size=shape.batch_size,
+        seq_len=shape.seq_len,
+        label_tokens=shape.label_tokens,
         precision=cfg.precision,
         load_in_8bit=cfg.load_in_8bit,
         checkpoint_keys=read_checkpoint_keys(source) if Path(source).is_dir() else None,
         base_model=base_name(cfg.model),
         adapter_metadata={"train_config": json.dumps(asdict(replace(cfg, dry_run=False)))},  # what train() records
     )
+    return DryRun(estimate, shape)
 
 
-def _data_num_labels(cfg: Any) -> int | None:
-    """Classes in a local training file (what the run's head will have); None for hub data (not downloaded)."""
-    if cfg.data is None or not Path(cfg.data).exists():
-        return None
-    from .data import read_rows
+def data_shape(cfg: Any, max_length: int) -> tuple[DataShape, int | None]:
+    """The shape of the run's training data and its class count (classification).
 
-    return read_rows(cfg.data_spec("train"), task=cfg.task, num_labels=cfg.num_labels).num_labels
+    Local data is read, split and tokenized as `train` does (its errors are the run's); a hub dataset is not
+    downloaded (`--max-length`), and a model without a tokenizer sizes by `--max-length` too, counting rows
+    instead of examples.
+    """
+    from ..models import load_tokenizer
+    from .data import IGNORE, is_hub_dataset
+    from .loop import encode_data, read_data, run_length
+
+    world = cfg.nproc or 1
+    if cfg.data is None or is_hub_dataset(cfg.data):  # a missing local file is an error below, as in the run
+        why = "--max-length; a hub dataset is not downloaded" if cfg.data else "--max-length; no data given"
+        return DataShape(cfg.batch_size, max_length, why, total_steps=cfg.max_steps), None
+    # Evaluation data does not change the training peak: only --val-split's rows are read (and not downloaded).
+    rows, held = read_data(replace(cfg, eval_data=None))
+    eval_rows = len(held.rows) if held is not None else None
+    try:
+        tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    except LorakitError:  # e.g. a folder holding only config.json: the run itself would say why
+        _, per_epoch, total = run_length(len(rows.rows), cfg, world)
+        shape = DataShape(
+            cfg.batch_size, max_length, "--max-length; the model has no usable tokenizer", examples=len(rows.rows),
+            tokenized=False, eval_rows=eval_rows, steps_per_epoch=per_epoch, total_steps=total,
+        )  # fmt: skip
+        return shape, rows.num_labels
+    encoded, _ = encode_data(cfg, rows, held, tokenizer, max_length)
+    examples = encoded.examples
+    batch = min(cfg.batch_size, len(examples))
+    if encoded.format == "classification":
+        labels = None
+    else:
+        labels = batch * max(sum(1 for label in e.labels[1:] if label != IGNORE) for e in examples)
+    _, per_epoch, total = run_length(len(examples), cfg, world)
+    shape = DataShape(
+        batch, max(len(e.input_ids) for e in examples), "the longest row of the data", labels, len(examples),
+        True, encoded.truncated, encoded.dropped, eval_rows, per_epoch, total,
+    )  # fmt: skip
+    return shape, rows.num_labels
