@@ -6,6 +6,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 from tiny import learnable_rows, save_model, tiny_bert, tiny_gpt2, tiny_tokenizer, write_jsonl
 from typer.testing import CliRunner
 
@@ -147,7 +148,8 @@ def test_generate_needs_prompt_completion_rows(gpt2, tmp_path):
     data = write_jsonl(tmp_path / "text.jsonl", [{"text": "w4 w5 w6"}])
     result = runner.invoke(app, ["eval", "--model", str(gpt2["model"]), "--data", str(data), "--generate"])
     assert result.exit_code == 2
-    assert result.stderr.splitlines() == [f"error: --generate needs prompt/completion rows; {data} holds text rows"]
+    expected = f"error: --generate needs prompt/completion or chat rows; {data} holds text rows"
+    assert result.stderr.splitlines() == [expected]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -202,3 +204,38 @@ def test_a_classification_adapter_needs_no_task_flag_and_shows_its_columns(tmp_p
     as_json = runner.invoke(app, ["eval", adapter, "--data", str(tmp_path / "data.csv"), "--json"])
     results = json.loads(as_json.stdout)["results"]
     assert [set(r) >= {"name", "loss", "perplexity", "accuracy"} for r in results] == [True, True]  # JSON: every key
+
+
+def test_generate_scores_chat_rows_against_the_last_assistant_turn(tmp_path):
+    """Chat rows: the conversation up to its last assistant turn is the prompt (the chat template, assistant turn
+    opened), that turn the reference; rows with the same conversation share one generation."""
+    from transformers import AutoModelForCausalLM
+
+    template = (
+        "{% for m in messages %}<s>{{ m['role'] }} {{ m['content'] }}</s>{% endfor %}"
+        "{% if add_generation_prompt %}<s>assistant{% endif %}"
+    )
+    base = save_model(tiny_gpt2(), tmp_path / "base")
+    tok = tiny_tokenizer()
+    tok.chat_template = template
+    tok.save_pretrained(base)
+    first = [{"role": "user", "content": "w5 w6"}, {"role": "assistant", "content": "w7"}]
+    rows = [
+        {"messages": [*first, {"role": "user", "content": "w8"}, {"role": "assistant", "content": "w9 w10"}]},
+        {"messages": [*first, {"role": "user", "content": "w8"}, {"role": "assistant", "content": "w11"}]},
+        {"messages": [{"role": "user", "content": "w12"}, {"role": "assistant", "content": "w13"}]},
+    ]
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+    args = ["eval", "--model", str(base), "--data", str(data), "--generate", "--max-new-tokens", "4"]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "p"), "--json"])
+    assert result.exit_code == 0, result.output
+    written = [json.loads(line) for line in (tmp_path / "p" / "base.predictions.jsonl").read_text().splitlines()]
+    assert [w["references"] for w in written] == [["w9 w10", "w11"], ["w13"]]
+    model = AutoModelForCausalLM.from_pretrained(base)
+    for w, row in zip(written, (rows[0], rows[2])):
+        ids = tok.apply_chat_template(row["messages"][:-1], add_generation_prompt=True, tokenize=True)
+        ids = torch.tensor([list(ids["input_ids"] if hasattr(ids, "keys") else ids)])
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=4, pad_token_id=0
+        )
+        assert w["prediction"] == tok.decode(out[0, ids.shape[1] :].tolist(), skip_special_tokens=True).strip()

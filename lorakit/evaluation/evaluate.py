@@ -72,8 +72,12 @@ def prompt_groups(
     A reference is the row's whole completion text (also when its tokens were truncated), filled into
     `completion_template` when one is given, with `{eos}` and `{bos}` left out.
     """
+    if encoded.format == "messages":
+        return _chat_groups(rows, encoded, tokenizer, spec.messages_field if spec else "messages")
     if encoded.format != "prompt_completion":
-        raise LorakitError(f"--generate needs prompt/completion rows; {rows.source} holds {encoded.format} rows")
+        raise LorakitError(
+            f"--generate needs prompt/completion or chat rows; {rows.source} holds {encoded.format} rows"
+        )
     groups: dict[tuple[int, ...], PromptGroup] = {}
     for e in encoded.examples:
         start = next(i for i, label in enumerate(e.labels) if label != IGNORE)  # first completion token
@@ -88,6 +92,21 @@ def prompt_groups(
             text = tokenizer.decode(list(key), skip_special_tokens=True)
             groups[key] = PromptGroup(text, list(key), [])
         groups[key].references.append(reference)
+    return list(groups.values())
+
+
+def _chat_groups(rows: Rows, encoded: Encoded, tokenizer: Any, field: str) -> list[PromptGroup]:
+    """Chat rows: the conversation up to its last assistant turn (the chat template, assistant turn opened) is the
+    prompt, that turn's text the reference; rows with the same prompt share it."""
+    groups: dict[tuple[int, ...], PromptGroup] = {}
+    for e in encoded.examples:
+        messages = rows.rows[e.row][field]
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        ids = tokenizer.apply_chat_template(messages[:last], add_generation_prompt=True, tokenize=True)
+        key = tuple(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        if key not in groups:
+            groups[key] = PromptGroup(tokenizer.decode(list(key), skip_special_tokens=True), list(key), [])
+        groups[key].references.append(str(messages[last]["content"]).strip())
     return list(groups.values())
 
 
@@ -371,8 +390,9 @@ def evaluate_adapters(
         warnings.warn(message, Note, stacklevel=2)
         max_length = positions
     encoded = encode(rows, tokenizer, max_length, spec)
-    if generate_options is not None and encoded.format != "prompt_completion":
-        raise LorakitError(f"--generate needs prompt/completion rows; {spec.source} holds {encoded.format} rows")
+    if generate_options is not None and encoded.format not in ("prompt_completion", "messages"):
+        held = f"{spec.source} holds {encoded.format} rows"
+        raise LorakitError(f"--generate needs prompt/completion or chat rows; {held}")
     base = load_base(
         source,
         task=task if task == "classification" else None,  # causal LMs: the class they were saved as
