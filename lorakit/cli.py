@@ -230,6 +230,20 @@ def train(
     save_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps (and at the end).")] = None,
     eval_every: Annotated[int | None, typer.Option(help="Evaluate every N steps (and at the end).")] = None,
     eval_batches: Annotated[int | None, typer.Option(help="Limit periodic evaluation to N batches.")] = None,
+    eval_generate: Annotated[
+        bool,
+        typer.Option("--eval-generate/--no-eval-generate", help="At each evaluation also generate and score BLEU etc."),
+    ] = False,
+    best_metric: Annotated[
+        str | None,
+        typer.Option(help="Keep best/adapter.safetensors by: loss (default) or bleu, nist, meteor, rouge_l, cider."),
+    ] = None,
+    early_stopping_patience: Annotated[
+        int | None, typer.Option(help="Stop after N evaluations without improvement of the best metric.")
+    ] = None,
+    early_stopping_threshold: Annotated[
+        float | None, typer.Option(help="An improvement must exceed this (absolute; default 0).")
+    ] = None,
     log_every: Annotated[int | None, typer.Option(help="Write a metrics line every N steps.")] = None,
     resume: Annotated[
         bool, typer.Option("--resume/--no-resume", help="Continue the run in --out from its last checkpoint.")
