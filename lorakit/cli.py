@@ -362,6 +362,20 @@ def train(
     eval_batches: Annotated[
         int | None, typer.Option(help="Limit periodic evaluation to N batches. [default: all]")
     ] = None,
+    eval_generate: Annotated[
+        bool,
+        typer.Option("--eval-generate/--no-eval-generate", help="At each evaluation also generate and score BLEU etc."),
+    ] = False,
+    best_metric: Annotated[
+        str | None,
+        typer.Option(help="Keep best/adapter.safetensors by: loss or bleu, nist, meteor, rouge_l, cider."),
+    ] = None,
+    early_stopping_patience: Annotated[
+        int | None, typer.Option(help="Stop after N evaluations without improving the best metric. [default: never]")
+    ] = None,
+    early_stopping_threshold: Annotated[
+        float | None, typer.Option(help="An improvement must exceed this (absolute, in the metric's units).")
+    ] = None,
     log_every: Annotated[int | None, typer.Option(help="Write a metrics line every N steps.")] = None,
     report_to: Annotated[
         str | None, typer.Option(help="Also log to tensorboard, wandb (comma-separated) or none.")

@@ -20,7 +20,10 @@ _TRUE = {"1", "on", "yes", "true"}
 
 def is_hub_id(source: str) -> bool:
     """A name to look up on the hub (`gpt2-medium`, `org/name`), not a local path."""
-    if Path(source).expanduser().exists():
+    try:
+        if Path(source).expanduser().exists():
+            return False
+    except (OSError, ValueError):  # a name no file system takes (too long, a NUL): no hub id either
         return False
     return not source.startswith(("/", "./", "../", "~", ".\\")) and source.count("/") <= 1
 

@@ -29,13 +29,20 @@ def train_table(result: TrainResult) -> Table:
     table = Table(title="lorakit train", show_header=False)
     table.add_row("run folder", escape(str(result.out)))
     table.add_row("adapter", escape(f"{result.adapter} ({result.adapter_bytes:,} bytes)"))
-    total = result.trainable_params + result.frozen_params
-    table.add_row("trainable parameters", f"{result.trainable_params:,} of {total:,}")
-    resumed = f" (resumed at {result.resumed_from})" if result.resumed_from else ""
-    table.add_row("steps", f"{result.steps}{resumed}")
-    processes = f" on {result.world_size} processes" if result.world_size > 1 else ""
-    table.add_row("time", f"{result.seconds:.1f} s{processes}")
-    table.add_row("peak memory", f"{result.peak_memory_mb:,.0f} MiB")
+    if result.best_adapter is not None and result.best_value is not None:
+        best = f"{result.best_adapter} (step {result.best_step}, eval {result.best_metric} {result.best_value:.4f})"
+        table.add_row("best adapter", escape(best))
+    if result.nothing_done:  # a --resume of a run that had stopped early: nothing was trained
+        table.add_row("steps", f"{result.steps} (stopped early before; nothing done now)")
+    else:
+        total = result.trainable_params + result.frozen_params
+        table.add_row("trainable parameters", f"{result.trainable_params:,} of {total:,}")
+        resumed = f" (resumed at {result.resumed_from})" if result.resumed_from else ""
+        early = f" of {result.planned_steps}, stopped early" if result.stopped_early else ""
+        table.add_row("steps", f"{result.steps}{early}{resumed}")
+        processes = f" on {result.world_size} processes" if result.world_size > 1 else ""
+        table.add_row("time", f"{result.seconds:.1f} s{processes}")
+        table.add_row("peak memory", f"{result.peak_memory_mb:,.0f} MiB")
     if result.train_loss is not None:
         table.add_row("final train loss", f"{result.train_loss:.4f}")
     if result.eval_loss is not None and result.first_eval_loss is not None:

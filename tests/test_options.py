@@ -36,6 +36,7 @@ REFUSED = "refused"
 # Where 0 cannot work, the command line gives the smallest value that can (0 itself is in INVALID below).
 NO_ZERO = dict(rank=1, batch_size=1, grad_accum=1, max_length=2, num_labels=2, max_steps=1, log_every=1)
 NO_ZERO |= dict(save_every=1, eval_every=1, eval_batches=1, limit=1, eval_limit=1, nproc=1, threads=1)
+NO_ZERO |= dict(early_stopping_patience=1)
 NO_ZERO |= dict(alpha=1e-3, lr=1e-6, epochs=0.01, adam_eps=1e-12, save_total_limit=1, val_split=0.01)
 
 
@@ -54,6 +55,8 @@ def flag(name: str) -> str:
 
 def recipe_value(name: str) -> Any:
     """A valid value other than the default (and other than what the command line gives)."""
+    if name == "best_metric":  # a name from a fixed list, typed as a string
+        return "bleu"
     hint, _ = kind(name)
     if get_origin(hint) is Literal:
         return next(c for c in get_args(hint) if c != FIELDS[name].default)
@@ -101,7 +104,18 @@ def base_recipe(name: str, value: Any) -> dict[str, Any]:
     recipe = {"model": "never-loaded", "data": "never-read.jsonl", name: value}
     if name == "num_labels":
         recipe["task"] = "classification"
+    if name in EVALUATES:  # settings of the evaluation during training
+        recipe.update({"eval_data": "never-read-eval.jsonl", "eval_every": 2, **EVALUATES[name], name: value})
     return recipe
+
+
+# What each evaluation setting needs beside evaluation rows and --eval-every.
+EVALUATES: dict[str, dict[str, Any]] = dict(
+    eval_generate={},
+    best_metric={"eval_generate": True},
+    early_stopping_patience={},
+    early_stopping_threshold={"early_stopping_patience": 2},
+)
 
 
 def write_recipe(path: Path, values: dict[str, Any]) -> Path:
@@ -224,6 +238,8 @@ INVALID += [("epochs", "-1"), ("epochs", "nan"), ("epochs", "inf"), ("weight_dec
 INVALID += [("max_grad_norm", "-1"), ("max_grad_norm", "nan"), ("adam_beta1", "1.5"), ("adam_beta1", "-0.1")]
 INVALID += [("adam_beta2", "1"), ("adam_eps", "-1"), ("adam_eps", "nan"), ("seed", "-1"), ("num_labels", "1")]
 INVALID += [("val_split", "1"), ("val_split", "-0.1"), ("val_split", "nan"), ("save_total_limit", "-1")]
+INVALID += [("early_stopping_threshold", "-1"), ("early_stopping_threshold", "nan")]
+INVALID += [("early_stopping_threshold", "inf")]
 
 
 @pytest.mark.parametrize("where", ["line", "recipe"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from ..lora.adapter import Adapter
 from ..models import PACKAGED, PACKAGED_HUB_ID
 
 CARD_NAME = "README.md"
+_REPO_ID = re.compile(r"([\w.-]{1,96}/)?[\w.-]{1,96}")
 LIBRARY = {"merged": "transformers", "peft": "peft"}
 # The training settings a card shows, in this order (the adapter records every setting of its run).
 SETTINGS = (
@@ -37,7 +39,7 @@ def model_card(adapter: Adapter, kind: str, base: str, name: str) -> str:
     meta: dict[str, Any] = {}
     if base == PACKAGED:
         meta["base_model"], meta["license"] = PACKAGED_HUB_ID, "apache-2.0"
-    elif is_hub_id(base):
+    elif _hub_repo(base):
         meta["base_model"] = base
     meta["library_name"] = LIBRARY[kind]
     meta["pipeline_tag"] = "text-classification" if classifier else "text-generation"
@@ -45,13 +47,18 @@ def model_card(adapter: Adapter, kind: str, base: str, name: str) -> str:
     license_ = None if base == PACKAGED else _base_license(base)
     if license_:
         meta["license"] = license_
-    datasets = [v for v in (train.get("data"), train.get("eval_data")) if isinstance(v, str) and is_hub_id(v)]
+    datasets = [v for v in (train.get("data"), train.get("eval_data")) if isinstance(v, str) and _hub_repo(v)]
     if datasets:
         meta["datasets"] = sorted(set(datasets))
     header = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)
     sections = [f"---\n{header}---", f"# {name}", _summary(adapter, kind, base), _usage(kind, base, name, classifier)]
     sections += [_lora_table(adapter), _settings_table(train), _evaluation(adapter)]
     return "\n\n".join(s for s in sections if s) + "\n"
+
+
+def _hub_repo(name: str) -> bool:
+    """A name the hub's metadata takes as a repository id (`org/name` or `name`, at most 96 characters each)."""
+    return is_hub_id(name) and _REPO_ID.fullmatch(name) is not None
 
 
 def _train_config(adapter: Adapter) -> dict[str, Any]:
@@ -65,8 +72,11 @@ def _train_config(adapter: Adapter) -> dict[str, Any]:
 
 def _base_license(base: str) -> str | None:
     """The `license:` of the base's own model card, when it is on disk (a folder, or the hub cache)."""
-    card: Path | None = Path(base) / CARD_NAME if Path(base).is_dir() else None
-    if card is None and is_hub_id(base):
+    try:
+        card: Path | None = Path(base) / CARD_NAME if Path(base).is_dir() else None
+    except (OSError, ValueError):
+        return None
+    if card is None and _hub_repo(base):
         from huggingface_hub import try_to_load_from_cache
 
         try:

@@ -31,6 +31,9 @@ from .config import TrainConfig
 
 KEEP = TrainConfig.save_total_limit  # checkpoints kept by default; older ones go once a newer one is complete
 FILES = ("adapter.safetensors", "optimizer.safetensors", "state.json")
+BEST_COPY = "best-adapter.safetensors"
+"""A checkpoint of a run with a best adapter also holds a copy of it: a resume puts back `best/` as it was at
+that step (a killed run may have written a newer best that the resumed run recomputes, or not)."""
 _STEP_FOLDER = re.compile(r"step-(\d+)")
 
 
@@ -60,6 +63,14 @@ class RunState:
     """Processes of the run (the data position counts global batches; RNG states are per process)."""
     scaler: dict[str, Any] | None = None
     """fp16 gradient scaler state."""
+    best_step: int | None = None
+    """Step of the best evaluation so far (the one `best/adapter.safetensors` holds); None before the first."""
+    best_value: float | None = None
+    """Its value of the run's `best_metric`."""
+    evals_without_improvement: int = 0
+    """Evaluations since the best improved by more than `early_stopping_threshold`."""
+    stopped_early: bool = False
+    """The run stopped here by early stopping: it is finished."""
 
     @classmethod
     def from_json(cls, value: Any, where: Path) -> RunState:
@@ -69,19 +80,25 @@ class RunState:
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in value.items() if k in known}
         values.setdefault("world_size", 1)  # checkpoints of single-process runs of lorakit 0.1
-        for name, low in (("step", 0), ("epoch", 0), ("batch", 0), ("world_size", 1)):
+        values.setdefault("evals_without_improvement", 0)  # checkpoints of lorakit before best adapters
+        for name, low in (("step", 0), ("epoch", 0), ("batch", 0), ("world_size", 1), ("evals_without_improvement", 0)):
             if name not in values:
                 raise LorakitError(f"{where}: no {name!r}; the checkpoint is damaged")
             v = values[name]
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise LorakitError(f"{where}: {name} is {v!r}, expected a whole number of at least {low}")
-        for name in ("first_eval_loss", "last_eval_loss"):
+        for name in ("first_eval_loss", "last_eval_loss", "best_value"):
             v = values.get(name)
             if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)):
                 raise LorakitError(f"{where}: {name} is {v!r}, expected a finite number or null")
-        v = values.get("last_eval_step")
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
-            raise LorakitError(f"{where}: last_eval_step is {v!r}, expected a whole number or null")
+        for name in ("last_eval_step", "best_step"):
+            v = values.get(name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+                raise LorakitError(f"{where}: {name} is {v!r}, expected a whole number or null")
+        if (values.get("best_step") is None) != (values.get("best_value") is None):
+            raise LorakitError(f"{where}: best_step and best_value are set together; the checkpoint is damaged")
+        if not isinstance(values.get("stopped_early", False), bool):
+            raise LorakitError(f"{where}: stopped_early is {values['stopped_early']!r}, expected true or false")
         for name, allowed in (("data", (str,)), ("eval_data", (str, type(None))), ("scaler", (dict, type(None)))):
             if name in values and not isinstance(values[name], allowed):
                 raise LorakitError(f"{where}: {name} is {values[name]!r}, which is not what lorakit writes there")
@@ -192,11 +209,13 @@ def save_checkpoint(
     base_model: str | None = None,
     rng: list[dict[str, torch.Tensor]] | None = None,
     keep: int = KEEP,
+    best: bytes | None = None,
 ) -> Path:
     """Write a complete checkpoint of `state.step`, then point `latest` at it and prune old ones: the newest `keep`
     step folders (by step number, this one included) stay.
 
-    `rng` holds every rank's generator states in a distributed run (default: this process's).
+    `rng` holds every rank's generator states in a distributed run (default: this process's); `best` the bytes of
+    the run's best adapter file, kept as `BEST_COPY`.
     """
     if keep < 1:
         raise ValueError(f"keep must be at least 1, got {keep}")
@@ -217,6 +236,8 @@ def save_checkpoint(
         crash_point("optimizer")
         (tmp / "state.json").write_text(json.dumps({**asdict(state), "adam_steps": steps}, indent=1))
         crash_point("state")
+        if best is not None:
+            (tmp / BEST_COPY).write_bytes(best)
     crash_point("published")
     write_atomic(root / "latest", target.name + "\n")
     crash_point("pointer")
@@ -249,10 +270,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    try:
-        saved = json.loads((path / "state.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as e:
-        raise LorakitError(f"{path / 'state.json'}: unreadable ({e})") from None
+    saved = _state_json(path)
     state = RunState.from_json(saved, path / "state.json")
     try:
         tensors = load_file(str(path / "optimizer.safetensors"))
@@ -260,3 +278,15 @@ def load_checkpoint(path: Path) -> Checkpoint:
         raise LorakitError(f"{path / 'optimizer.safetensors'}: unreadable ({e})") from None
     adapter = read_adapter(path / "adapter.safetensors")
     return Checkpoint(path, state, saved.get("adam_steps", {}), adapter, tensors)
+
+
+def _state_json(path: Path) -> Any:
+    try:
+        return json.loads((path / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise LorakitError(f"{path / 'state.json'}: unreadable ({e})") from None
+
+
+def read_state(path: Path) -> RunState:
+    """The `RunState` of a checkpoint folder alone (no tensors read), checked."""
+    return RunState.from_json(_state_json(path), path / "state.json")

@@ -123,6 +123,16 @@ class TrainConfig:
     """Evaluate on eval_data every N steps (always at the end when eval_data is given)."""
     eval_batches: int | None = None
     """Limit periodic evaluation to this many batches."""
+    eval_generate: bool = False
+    """At each evaluation also generate for the evaluation prompts (greedy) and score the text (BLEU, ROUGE-L and
+    `best_metric`); needs prompt/completion evaluation rows."""
+    best_metric: str = "loss"
+    """What `best/adapter.safetensors` is chosen by: `loss` (the evaluation loss, lower is better) or a text
+    metric (bleu, nist, meteor, rouge_l, cider; higher is better; needs eval_generate)."""
+    early_stopping_patience: int | None = None
+    """Stop after this many evaluations in a row without an improvement of `best_metric` (None: never)."""
+    early_stopping_threshold: float = 0.0
+    """An improvement must beat the best so far by more than this (absolute, in the metric's own units)."""
     log_every: int = 1
     """Write a metrics line every N steps."""
     report_to: str = "none"
@@ -208,9 +218,21 @@ def _coerce(name: str, value: Any) -> Any:
 
 POSITIVE_INTS = ("rank", "batch_size", "grad_accum", "log_every", "max_steps", "save_every", "eval_every")
 POSITIVE_INTS += ("eval_batches", "limit", "eval_limit", "nproc", "threads", "save_total_limit")
+POSITIVE_INTS += ("early_stopping_patience",)
 POSITIVE_FLOATS = ("alpha", "lr", "epochs", "adam_eps")
 FRACTIONS = ("dropout", "label_smoothing", "adam_beta1", "adam_beta2")  # in [0, 1)
-NON_NEGATIVE_FLOATS = ("weight_decay", "max_grad_norm")
+NON_NEGATIVE_FLOATS = ("weight_decay", "max_grad_norm", "early_stopping_threshold")
+LOWER_IS_BETTER = ("loss",)
+"""Best metrics where lower is better; every other one (the text metrics) is higher-is-better."""
+
+
+def best_metric_names() -> tuple[str, ...]:
+    """What `best_metric` may name: the evaluation loss, then the text metrics of `lorakit eval --generate`."""
+    from ..evaluation.metrics import TEXT_METRICS
+
+    return (*LOWER_IS_BETTER, *TEXT_METRICS)
+
+
 SEED_LIMIT = 2**63
 
 
@@ -261,6 +283,34 @@ def _check_values(cfg: TrainConfig) -> list[str]:
         problems.append(f"num_labels: only for task classification, got task {cfg.task}")
     if cfg.resume and cfg.overwrite:
         problems.append("resume and overwrite: choose one")
+    problems += _best_and_early_stopping(cfg)
+    return problems
+
+
+def _best_and_early_stopping(cfg: TrainConfig) -> list[str]:
+    """The best-adapter and early-stopping settings that cannot work together with the rest."""
+    problems = []
+    known = best_metric_names()
+    if cfg.best_metric not in known:
+        problems.append(f"best_metric: must be one of {', '.join(known)}, got {cfg.best_metric}")
+    elif cfg.best_metric not in LOWER_IS_BETTER and not cfg.eval_generate:
+        problems.append(
+            f"best_metric: {cfg.best_metric} scores generated text, which needs eval_generate (--eval-generate)"
+        )
+    # Without --data the demo set is used, and it brings its own evaluation rows.
+    if cfg.eval_data is None and cfg.data is not None:
+        used = dict(
+            eval_generate=cfg.eval_generate,
+            best_metric=cfg.best_metric != "loss",
+            early_stopping_patience=cfg.early_stopping_patience is not None,
+            early_stopping_threshold=cfg.early_stopping_threshold > 0,
+        )
+        for name in (n for n, on in used.items() if on):
+            problems.append(f"{name}: needs eval_data (--eval-data), the rows evaluated during training")
+    if cfg.early_stopping_patience is not None and cfg.eval_every is None:
+        problems.append("early_stopping_patience: needs eval_every (--eval-every), the evaluations it counts")
+    if cfg.early_stopping_threshold > 0 and cfg.early_stopping_patience is None:
+        problems.append("early_stopping_threshold: only with early_stopping_patience (--early-stopping-patience)")
     return problems
 
 

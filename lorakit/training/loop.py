@@ -3,12 +3,16 @@
     train(cfg)
       setup(cfg)        data read and checked, tokenizer, model + LoRA layers, optimizer     -> Run (fixed)
       resume(run)       adapter, optimizer, RNG and data position from the newest checkpoint  -> RunState
-      fit(run, state)   the loop: train_step -> log -> evaluate -> checkpoint, until the last step
+      fit(run, state)   the loop: train_step -> log -> evaluate -> checkpoint, until the last step (or early stop)
       finish(run, ...)  last evaluation and checkpoint, adapter.safetensors, loss.png         -> TrainResult
 
 `Run` holds what a run is set up with and never changes; `RunState` (checkpoint.py) what changes as it trains,
 which is exactly what a checkpoint stores. One optimizer step: micro-batches -> loss summed over label tokens /
 label tokens in the whole step -> backward -> (clip) -> AdamW at lr_at(step) (warmup, then --lr-scheduler).
+
+With evaluation rows, every evaluation after step 0 is a candidate for the best adapter (`best/adapter.safetensors`,
+by `best_metric`); `early_stopping_patience` evaluations in a row without an improvement (by more than
+`early_stopping_threshold`) stop the run, which is then finished: a `--resume` of it has nothing to do.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ import math
 import os
 import signal
 import time
+import warnings
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,26 +33,44 @@ import torch
 from torch import nn
 
 from ..errors import LorakitError, TrainingDiverged, TrainingInterrupted
-from ..files import folder_lock
-from ..lora.adapter import apply_adapter, save_adapter
+from ..evaluation.evaluate import GenerateOptions, PromptGroup, generate, prompt_groups
+from ..evaluation.metrics import MetricWarning, text_metrics
+from ..files import folder_lock, write_atomic
+from ..lora.adapter import apply_adapter, read_adapter, save_adapter
 from ..lora.wrap import add_lora, lora_layers, oversized_ranks
 from ..models import base_name, check_task, context_length, load_base, load_config, load_tokenizer
 from .checkpoint import (
+    BEST_COPY,
     RunState,
     latest_checkpoint,
     load_checkpoint,
     load_optimizer,
+    read_state,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
-from .config import FIELDS, RESUME_MAY_CHANGE, TrainConfig, build_config, read_recipe, resume_changes
+from .config import (
+    FIELDS,
+    LOWER_IS_BETTER,
+    RESUME_MAY_CHANGE,
+    TrainConfig,
+    build_config,
+    read_recipe,
+    resume_changes,
+)
 from .data import Encoded, Rows, batch_order, collate, encode, read_rows, split_rows, to_device
 from .distributed import World, all_sum, barrier, device_for, gather_objects, init_world, shutdown
 from .loss import LossStep, dataset_loss, label_count
 from .precision import Autocast, autocast_for, check_precision, fp32_master_weights, gradient_scaler
 from .reporting import Reporters, check_available, parse_report_to
 from .runfolder import MetricsLog, check_run_folder, claim_run_folder, plot_losses, save_config
+
+BEST = Path("best") / "adapter.safetensors"
+"""The best adapter, in the run folder."""
+TEXT_METRICS_LOGGED = ("bleu", "rouge_l")
+"""What `--eval-generate` scores at each evaluation (as `lorakit eval --generate`), with `best_metric`."""
+MAX_NEW_TOKENS = GenerateOptions.max_new_tokens
 
 
 @dataclass
@@ -73,6 +96,16 @@ class TrainResult:
     world_size: int = 1
     main: bool = True
     """False on the ranks other than 0 of a distributed run (they print and write nothing)."""
+    best_adapter: Path | None = None
+    """best/adapter.safetensors; None when the run does not evaluate."""
+    best_metric: str = "loss"
+    best_step: int | None = None
+    best_value: float | None = None
+    stopped_early: bool = False
+    planned_steps: int | None = None
+    """The steps the run was set up for (more than `steps` when it stopped early)."""
+    nothing_done: bool = False
+    """A `--resume` of a run that had stopped early: nothing was trained or written."""
 
 
 @dataclass
@@ -97,6 +130,12 @@ class Run:
     batches_per_epoch: int
     base_model: str
     log: MetricsLog | None = None
+    tokenizer: Any = None
+    eval_prompts: list[PromptGroup] | None = None
+    """The unique evaluation prompts and their references, with `eval_generate`."""
+    generate_options: GenerateOptions | None = None
+    notes: set[str] = field(default_factory=set)
+    """Notes (a metric that cannot run here) printed already: each once."""
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float, schedule: str = "linear") -> float:
@@ -148,6 +187,8 @@ def train(cfg: TrainConfig, console: Any = None) -> TrainResult:
         out = check_run_folder(cfg)
         check_available(parse_report_to(cfg.report_to))  # a missing extra: now, not after loading
         changes = check_same_settings(cfg, out) if cfg.resume else []
+        if cfg.resume and (done := stopped_before(cfg, out, world, console, started)) is not None:
+            return done  # a run that stopped early is finished: nothing is loaded or written
         locked = world.main and out.is_dir()
         if locked:  # an existing folder: claim it before the slow part, so a second run fails at once
             stack.enter_context(folder_lock(out))
@@ -191,6 +232,7 @@ def setup(cfg: TrainConfig, world: World, out: Path, console: Any) -> Run:
     max_length = capped_max_length(cfg.max_length, context_length(model_config), console)
     encoded, eval_encoded = encode_data(cfg, rows, eval_rows, tokenizer, max_length)
     console.print(data_line(cfg, rows, eval_rows, encoded, max_length))
+    prompts = eval_prompts(cfg, eval_rows, eval_encoded, tokenizer) if eval_rows and cfg.eval_generate else None
     pad_id = pad_id_of(tokenizer)
     device = device_for(world)
     check_precision(cfg.precision, cfg.load_in_8bit, device)
@@ -219,8 +261,26 @@ def setup(cfg: TrainConfig, world: World, out: Path, console: Any) -> Run:
     return Run(
         cfg, world, device, out, console, encoded, eval_encoded, pad_id, model, step_module, params, optimizer,
         gradient_scaler(cfg.precision, device), autocast_for(cfg.precision, device), total, batches_per_epoch,
-        base_name(cfg.model),
+        base_name(cfg.model), tokenizer=tokenizer, eval_prompts=prompts,
+        generate_options=generate_options(cfg, prompts, max_length) if prompts else None,
     )  # fmt: skip
+
+
+def eval_prompts(cfg: TrainConfig, rows: Rows, encoded: Encoded, tokenizer: Any) -> list[PromptGroup]:
+    """The unique prompts of the evaluation rows that `--eval-generate` generates for (the first `eval_batches`
+    batches' worth with `--eval-batches`)."""
+    if encoded.format != "prompt_completion":
+        raise LorakitError(f"--eval-generate needs prompt/completion rows; {cfg.eval_data} holds {encoded.format} rows")
+    spec = cfg.data_spec("eval")
+    groups = prompt_groups(rows, encoded, cfg.completion_field, tokenizer, cfg.completion_template, spec)
+    return groups[: cfg.eval_batches * cfg.batch_size] if cfg.eval_batches else groups
+
+
+def generate_options(cfg: TrainConfig, prompts: list[PromptGroup], max_length: int) -> GenerateOptions:
+    """Greedy, as `lorakit eval --generate`: at most 64 new tokens, fewer where the prompt and the continuation would
+    not fit in `max_length` (already capped at the model's context length)."""
+    longest = max(len(g.prompt_ids) for g in prompts)
+    return GenerateOptions(batch_size=cfg.batch_size, max_new_tokens=max(1, min(MAX_NEW_TOKENS, max_length - longest)))
 
 
 def read_data(cfg: TrainConfig) -> tuple[Rows, Rows | None]:
@@ -377,8 +437,66 @@ def resume(run: Run) -> RunState:
     set_rng_state(ckpt.tensors, run.world.rank, path / "optimizer.safetensors")
     if state.scaler and run.scaler.is_enabled():
         run.scaler.load_state_dict(state.scaler)
+    if run.world.main:
+        restore_best(run.out, path, state)
     run.console.print(f"resumed from {path} (step {state.step})")
     return state
+
+
+def restore_best(out: Path, path: Path, state: RunState) -> None:
+    """Put back `best/adapter.safetensors` as it was at the checkpoint's step: a killed run may have written a newer
+    best after it, which the resumed run recomputes from there (the same, in an exact resume)."""
+    best, copy = out / BEST, path / BEST_COPY
+    if state.best_step is None:
+        best.unlink(missing_ok=True)
+    elif copy.is_file():
+        saved = copy.read_bytes()
+        if not best.is_file() or best.read_bytes() != saved:
+            write_atomic(best, saved)
+
+
+def stopped_before(cfg: TrainConfig, out: Path, world: World, console: Any, started: float) -> TrainResult | None:
+    """The result of a `--resume` of a run that has stopped early and written its adapter: it is finished, so this
+    says so and does nothing. None for any other run (one killed after it stopped and before its adapter was
+    written resumes as usual and only finishes)."""
+    path = latest_checkpoint(out)
+    state = read_state(path) if path is not None else None
+    adapter = out / "adapter.safetensors"
+    if state is None or not state.stopped_early or not adapter.is_file():
+        return None
+    final = read_adapter(adapter)
+    saved = read_adapter(path / "adapter.safetensors").tensors
+    if final.tensors.keys() != saved.keys() or not all(torch.equal(t, saved[k]) for k, t in final.tensors.items()):
+        return None
+    console.print(
+        f"{out}: the run stopped early at step {state.step}, {no_improvement(cfg, state)}; it is finished, "
+        "nothing to do (start a new run with another --out to train further)"
+    )
+    return TrainResult(
+        out=out,
+        adapter=adapter,
+        steps=state.step,
+        trainable_params=sum(t.numel() for t in final.tensors.values()),
+        frozen_params=0,
+        adapter_bytes=adapter.stat().st_size,
+        seconds=time.perf_counter() - started,
+        tokens=0,
+        train_loss=None,
+        eval_loss=state.last_eval_loss,
+        first_eval_loss=state.first_eval_loss,
+        truncated=0,
+        dropped=0,
+        resumed_from=state.step,
+        lora_changed=True,
+        world_size=state.world_size,
+        main=world.main,
+        best_adapter=out / BEST if state.best_step is not None else None,
+        best_metric=cfg.best_metric,
+        best_step=state.best_step,
+        best_value=state.best_value,
+        stopped_early=True,
+        nothing_done=True,
+    )
 
 
 def check_same_settings(cfg: TrainConfig, out: Path) -> list[str]:
@@ -420,7 +538,7 @@ def fit(run: Run, state: RunState) -> tuple[int, int | None]:
     saved_at = state.step if cfg.resume else None
     tokens_seen = 0
     with StopFlag() as stop, _progress(run.console, run.total_steps, state.step) as progress:
-        while state.step < run.total_steps:
+        while state.step < run.total_steps and not state.stopped_early:
             t0 = time.perf_counter()
             lr = lr_at(state.step, run.total_steps, cfg.warmup_steps, cfg.lr, cfg.lr_scheduler)
             loss, tokens = train_step(run, state, stream, lr, checkpoint_path(run, saved_at))
@@ -446,7 +564,16 @@ def fit(run: Run, state: RunState) -> tuple[int, int | None]:
                     path,
                     stop.signum,
                 )
+            if state.stopped_early:
+                run.console.print(f"early stopping at step {state.step}: {no_improvement(cfg, state)}")
     return tokens_seen, saved_at
+
+
+def no_improvement(cfg: TrainConfig, state: RunState) -> str:
+    """Why early stopping stopped the run: `no improvement of loss over 3 evaluations (best 1.2345 at step 40)`."""
+    by = f" by more than {cfg.early_stopping_threshold:g}" if cfg.early_stopping_threshold else ""
+    best = f"best {state.best_value:.4f} at step {state.best_step}" if state.best_step is not None else "no best yet"
+    return f"no improvement of {cfg.best_metric}{by} over {state.evals_without_improvement} evaluations ({best})"
 
 
 def checkpoint_path(run: Run, step: int | None) -> Path | None:
@@ -538,7 +665,9 @@ def rank_share(ids: list[int], world: World) -> tuple[list[int], float]:
 
 
 def evaluate(run: Run, state: RunState) -> float | None:
-    """Loss on the evaluation data at this step (each rank scores its share; the sums are combined), logged."""
+    """Loss on the evaluation data at this step (each rank scores its share; the sums are combined), with
+    `eval_generate` the text metrics of generations, logged; after step 0 the best adapter and early stopping
+    follow it (`track_best`)."""
     if run.eval_encoded is None:
         return None
     world = run.world
@@ -548,9 +677,102 @@ def evaluate(run: Run, state: RunState) -> float | None:
     )
     total_loss, count = all_sum(world, result.loss * result.tokens, result.tokens)
     loss = total_loss / max(count, 1)
-    run.log.write({"step": state.step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700))})
+    record: dict[str, Any] = {"step": state.step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700))}
+    scores: dict[str, float | None] = {"loss": loss}
+    if run.eval_prompts is not None:
+        scores.update(generated_scores(run))
+        record.update({f"eval_{name}": value for name, value in scores.items() if name != "loss"})
     state.last_eval_step, state.last_eval_loss = state.step, loss
+    if state.step > 0 and track_best(run, state, scores[run.cfg.best_metric]):  # the base (step 0) is no candidate
+        record["best"] = True
+    run.log.write(record)
     return loss
+
+
+def generated_scores(run: Run) -> dict[str, float | None]:
+    """Text metrics of greedy generations for the evaluation prompts (rank 0 generates; every rank gets the scores).
+
+    None for a metric that cannot run here (a note says why, once); for `best_metric` that is an error.
+    """
+    cfg, world = run.cfg, run.world
+    best = [] if cfg.best_metric in LOWER_IS_BETTER else [cfg.best_metric]
+    names = list(dict.fromkeys([*TEXT_METRICS_LOGGED, *best]))
+    values = [0.0] * len(names)
+    reasons: dict[str, str] = {}
+    if world.main:
+        prompts = run.eval_prompts or []
+        cuda = [run.device.index or 0] if run.device.type == "cuda" else []
+        with warnings.catch_warnings(record=True) as caught, torch.random.fork_rng(devices=cuda):
+            warnings.simplefilter("always", MetricWarning)
+            try:
+                with run.autocast():
+                    texts = generate(run.model, run.tokenizer, [g.prompt_ids for g in prompts], run.generate_options)
+            finally:
+                run.model.train()
+            scores = text_metrics(texts, [g.references for g in prompts], names)
+        for w in caught:
+            message = str(w.message)
+            if not issubclass(w.category, MetricWarning):  # anything else: as if it had not been caught here
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+                continue
+            reasons[message.split(" ", 1)[0]] = message
+            if message not in run.notes:
+                run.notes.add(message)
+                run.console.print(f"note: {message}", markup=False)
+        values = [math.nan if scores[name] is None else float(scores[name]) for name in names]
+    values = all_sum(world, *values)
+    found = {name: None if math.isnan(v) else v for name, v in zip(names, values)}
+    if best and found[best[0]] is None:
+        why = reasons.get(best[0], f"{best[0]} unavailable")
+        raise LorakitError(f"--best-metric {best[0]}: cannot be computed here ({why}); choose another --best-metric")
+    return found
+
+
+def track_best(run: Run, state: RunState, value: float | None) -> bool:
+    """Compare this evaluation's `best_metric` with the best so far: a better value (lower loss, higher text metric)
+    is the new best and its adapter is saved; an improvement by more than `early_stopping_threshold` resets the
+    count of evaluations without one, which stops the run at `early_stopping_patience`. Returns: a new best."""
+    cfg = run.cfg
+    if value is None or not math.isfinite(value):
+        gain = None  # a NaN or infinite value never improves
+    elif state.best_value is None:
+        gain = math.inf
+    else:
+        gain = state.best_value - value if cfg.best_metric in LOWER_IS_BETTER else value - state.best_value
+    improved = gain is not None and gain > 0
+    counted = gain is not None and gain > cfg.early_stopping_threshold
+    state.evals_without_improvement = 0 if counted else state.evals_without_improvement + 1
+    if improved:
+        state.best_step, state.best_value = state.step, value
+        save_best(run, state)
+    patience = cfg.early_stopping_patience
+    if patience and state.evals_without_improvement >= patience and state.step < run.total_steps:
+        state.stopped_early = True
+    return improved
+
+
+def save_best(run: Run, state: RunState) -> None:
+    """best/adapter.safetensors (atomically): the adapter now, with its step and value in the metadata."""
+    if not run.world.main:
+        return
+    from rich.markup import escape
+
+    path = run.out / BEST
+    extra = {
+        **adapter_extra(run.cfg),
+        "best_step": str(state.best_step),
+        "best_metric": run.cfg.best_metric,
+        "best_value": repr(state.best_value),
+    }
+    save_adapter(run.model, path, base_model=run.base_model, extra=extra)
+    run.console.print(
+        f"best {run.cfg.best_metric} {state.best_value:.4f} at step {state.step}: saved {escape(str(path))}"
+    )
+
+
+def adapter_extra(cfg: TrainConfig) -> dict[str, str]:
+    """Metadata of the run's adapter files beyond what every adapter records."""
+    return {"train_config": json.dumps(asdict(cfg))}
 
 
 def checkpoint(run: Run, state: RunState) -> int:
@@ -558,7 +780,11 @@ def checkpoint(run: Run, state: RunState) -> int:
     rng = gather_objects(run.world, rng_state())
     if run.world.main:
         keep = run.cfg.save_total_limit
-        save_checkpoint(run.out, run.model, run.optimizer, state, base_model=run.base_model, rng=rng, keep=keep)
+        best_file = run.out / BEST
+        best = best_file.read_bytes() if state.best_step is not None and best_file.is_file() else None
+        save_checkpoint(
+            run.out, run.model, run.optimizer, state, base_model=run.base_model, rng=rng, keep=keep, best=best
+        )
     barrier(run.world)
     return state.step
 
@@ -576,8 +802,7 @@ def finish(
         checkpoint(run, state)
     adapter = run.out / "adapter.safetensors"
     if run.world.main:
-        extra = {"train_config": json.dumps(asdict(run.cfg))}
-        save_adapter(run.model, adapter, base_model=run.base_model, extra=extra)
+        save_adapter(run.model, adapter, base_model=run.base_model, extra=adapter_extra(run.cfg))
         plot_losses(run.log.records, run.out / "loss.png")
     barrier(run.world)
     changed = any(bool(b.detach().abs().sum() > 0) for _, layer in lora_layers(run.model) for b in layer.lora_B)
@@ -607,6 +832,12 @@ def finish(
         peak_memory_mb=peak_memory_mb(run.device),
         world_size=run.world.size,
         main=run.world.main,
+        best_adapter=run.out / BEST if state.best_step is not None else None,
+        best_metric=run.cfg.best_metric,
+        best_step=state.best_step,
+        best_value=state.best_value,
+        stopped_early=state.stopped_early,
+        planned_steps=run.total_steps,
     )
 
 

@@ -8,6 +8,7 @@ files in it that grow while it trains (`metrics.jsonl`, `loss.png`).
       metrics.jsonl            one JSON object per line, each with `step`
       loss.png                 training and evaluation loss
       adapter.safetensors      at the end
+      best/adapter.safetensors the best evaluated adapter (by best_metric), when the run evaluates
       checkpoints/step-000120/ what --resume needs (see checkpoint.py)
 """
 
@@ -64,8 +65,9 @@ def claim_run_folder(out: Path, cfg: TrainConfig, stack: contextlib.ExitStack, l
     if cfg.overwrite and not cfg.resume:
         empty_folder(out)
     remove_leftovers(out)
-    if (out / "checkpoints").is_dir():
-        remove_leftovers(out / "checkpoints")
+    for folder in (out / "checkpoints", out / "best"):
+        if folder.is_dir():
+            remove_leftovers(folder)
     mark(out, KIND)
 
 
