@@ -151,6 +151,11 @@ def test_best_adapter_is_the_checkpoint_of_the_lowest_eval_loss(model, data, tmp
         meta = f.metadata()
     assert (meta["best_step"], meta["best_metric"], float(meta["best_value"])) == (str(best_step), "loss", best_loss)
 
+    # config.yaml keeps the settings of step 0 and records the best below them
+    lines = (out / "config.yaml").read_text().splitlines()
+    assert lines[-1] == f"# best adapter: best/adapter.safetensors, step {best_step}, eval loss {best_loss:.6g}"
+    assert read_recipe(out / "config.yaml")["max_steps"] == 8
+
     output = result.output
     assert f"best loss {best_loss:.4f} at step {best_step}: saved {best}" in output  # said when it is saved
     assert f"best adapter │ {best} (step {best_step}, eval loss {best_loss:.4f})" in " ".join(output.split())

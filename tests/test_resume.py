@@ -528,8 +528,10 @@ def test_resume_records_the_settings_it_may_change_at_their_step(model, data, fu
     text = (out / "config.yaml").read_text()
     assert text.startswith(started)  # the values of steps 1-4 are not rewritten
     assert read_recipe(out / "config.yaml") == read_recipe(full / "config.yaml") | {"out": str(out)}
-    [note] = text[len(started) :].splitlines()
+    note, best = text[len(started) :].splitlines()
     assert note == "# resumed at step 4 with: save_every: 2 -> 1; eval_every: 2 -> 3; threads: None -> 1"
+    assert best == (full / "config.yaml").read_text().splitlines()[-1]  # the best, as the uninterrupted run says
+    assert best.startswith("# best adapter: best/adapter.safetensors, step ")
     # A resume that changes nothing adds nothing.
     again = runner.invoke(app, ["train", "--resume", "--out", str(out)])
     assert again.exit_code == 0, again.output

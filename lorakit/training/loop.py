@@ -64,7 +64,7 @@ from .distributed import World, all_sum, barrier, device_for, gather_objects, in
 from .loss import LossStep, dataset_loss, label_count
 from .precision import Autocast, autocast_for, check_precision, fp32_master_weights, gradient_scaler
 from .reporting import Reporters, check_available, parse_report_to
-from .runfolder import MetricsLog, check_run_folder, claim_run_folder, plot_losses, save_config
+from .runfolder import MetricsLog, check_run_folder, claim_run_folder, note_in_config, plot_losses, save_config
 
 BEST = Path("best") / "adapter.safetensors"
 """The best adapter, in the run folder."""
@@ -804,6 +804,9 @@ def finish(
     if run.world.main:
         save_adapter(run.model, adapter, base_model=run.base_model, extra=adapter_extra(run.cfg))
         plot_losses(run.log.records, run.out / "loss.png")
+        if state.best_step is not None:
+            metric = f"eval {run.cfg.best_metric}"
+            note_in_config(run.out, f"best adapter: {BEST}, step {state.best_step}, {metric} {state.best_value:.6g}")
     barrier(run.world)
     changed = any(bool(b.detach().abs().sum() > 0) for _, layer in lora_layers(run.model) for b in layer.lora_B)
     if not changed:

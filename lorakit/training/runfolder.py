@@ -85,6 +85,18 @@ def save_config(out: Path, cfg: TrainConfig, resumed_at: int | None = None, chan
         write_atomic(path, text + ("" if text.endswith("\n") else "\n") + note + "\n")
 
 
+def note_in_config(out: Path, note: str) -> None:
+    """Append `# note` to config.yaml (once: a resumed run that finishes again adds nothing); the settings above it
+    stay as they were."""
+    path = out / "config.yaml"
+    if not path.is_file():
+        return
+    text = path.read_text(encoding="utf-8")
+    line = "# " + note.replace("\n", " ")
+    if line not in text.splitlines():
+        write_atomic(path, text + ("" if text.endswith("\n") else "\n") + line + "\n")
+
+
 class MetricsLog:
     """metrics.jsonl, one JSON object per line; on resume, lines after the checkpoint's step are dropped, and so is
     a damaged line (what a kill or a full disk leaves at the end)."""
