@@ -9,6 +9,7 @@ import os
 import re
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,8 +112,15 @@ def _chat_groups(rows: Rows, encoded: Encoded, tokenizer: Any, field: str) -> li
 
 
 @torch.no_grad()
-def generate(model: nn.Module, tokenizer: Any, prompts: list[list[int]], options: GenerateOptions) -> list[str]:
-    """Decoded continuations of each prompt (batched, left-padded), cut at `options.stop`."""
+def generate(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    options: GenerateOptions,
+    on_batch: Callable[[], None] | None = None,
+) -> list[str]:
+    """Decoded continuations of each prompt (batched, left-padded), cut at `options.stop`; `on_batch` is called
+    after each batch (a progress bar)."""
     model.eval()
     device = next(p.device for p in model.parameters())
     eos = tokenizer.eos_token_id
@@ -137,6 +145,8 @@ def generate(model: nn.Module, tokenizer: Any, prompts: list[list[int]], options
         for row in out[:, width:].tolist():
             text = tokenizer.decode(row, skip_special_tokens=True)
             texts.append(text.split(options.stop)[0].strip() if options.stop else text.strip())
+        if on_batch is not None:
+            on_batch()
     return texts
 
 

@@ -24,7 +24,7 @@ import os
 import signal
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -136,6 +136,8 @@ class Run:
     generate_options: GenerateOptions | None = None
     notes: set[str] = field(default_factory=set)
     """Notes (a metric that cannot run here) printed already: each once."""
+    progress: Any = None
+    """The progress display while the loop runs (evaluation and generation passes add their bars to it)."""
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float, schedule: str = "linear") -> float:
@@ -532,12 +534,19 @@ def fit(run: Run, state: RunState) -> tuple[int, int | None]:
     """Train from `state` to the last step; returns the tokens this invocation saw and the step of the newest
     checkpoint (None if there is none)."""
     cfg = run.cfg
+    base_eval_seconds = None
     if state.first_eval_loss is None and run.eval_encoded is not None:
+        started = time.perf_counter()
         state.first_eval_loss = evaluate(run, state)  # the base model's loss: the "before" of before/after
+        base_eval_seconds = time.perf_counter() - started
     stream = micro_batches(run.encoded, cfg.batch_size * run.world.size, cfg.seed, state.epoch, state.batch)
     saved_at = state.step if cfg.resume else None
     tokens_seen = 0
-    with StopFlag() as stop, _progress(run.console, run.total_steps, state.step) as progress:
+    left = evals_left(cfg, run.total_steps, run.eval_encoded is not None)
+    with StopFlag() as stop, _progress(run.console, run.total_steps, state.step, left) as progress:
+        run.progress = progress
+        if base_eval_seconds is not None:
+            progress.eval_seconds.append(base_eval_seconds)
         while state.step < run.total_steps and not state.stopped_early:
             t0 = time.perf_counter()
             lr = lr_at(state.step, run.total_steps, cfg.warmup_steps, cfg.lr, cfg.lr_scheduler)
@@ -548,7 +557,7 @@ def fit(run: Run, state: RunState) -> tuple[int, int | None]:
                 record = {"step": state.step, "epoch": round(state.epoch + state.batch / run.batches_per_epoch, 4)}
                 record.update(loss=loss, lr=lr, tokens_per_s=round(tokens_per_s, 1))
                 run.log.write({**record, "peak_memory_mb": round(peak_memory_mb(run.device), 1)})
-            progress.update(state.step, loss, lr, tokens_per_s)
+            progress.update(state.step, loss, lr, tokens_per_s, time.perf_counter() - t0)
             if run.world.distributed:  # every rank must stop at the same step
                 stop.requested = all_sum(run.world, float(stop.requested))[0] > 0
             if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < run.total_steps:
@@ -566,6 +575,9 @@ def fit(run: Run, state: RunState) -> tuple[int, int | None]:
                 )
             if state.stopped_early:
                 run.console.print(f"early stopping at step {state.step}: {no_improvement(cfg, state)}")
+        if run.eval_encoded is not None and state.last_eval_step != state.step:
+            evaluate(run, state)  # the final evaluation, still under the display (its bar, the time left)
+    run.progress = None
     return tokens_seen, saved_at
 
 
@@ -672,9 +684,12 @@ def evaluate(run: Run, state: RunState) -> float | None:
         return None
     world = run.world
     shard = run.eval_encoded.examples[world.rank :: world.size]
-    result = dataset_loss(
-        run.model, shard, run.cfg.batch_size, run.pad_id, run.cfg.task, run.cfg.eval_batches, run.autocast
-    )
+    batches = math.ceil(len(shard) / run.cfg.batch_size)
+    batches = min(batches, run.cfg.eval_batches) if run.cfg.eval_batches else batches
+    with _pass_bar(run, "eval", batches) as advance:
+        result = dataset_loss(
+            run.model, shard, run.cfg.batch_size, run.pad_id, run.cfg.task, run.cfg.eval_batches, run.autocast, advance
+        )
     total_loss, count = all_sum(world, result.loss * result.tokens, result.tokens)
     loss = total_loss / max(count, 1)
     record: dict[str, Any] = {"step": state.step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700))}
@@ -687,6 +702,16 @@ def evaluate(run: Run, state: RunState) -> float | None:
         record["best"] = True
     run.log.write(record)
     return loss
+
+
+@contextlib.contextmanager
+def _pass_bar(run: Run, what: str, total: int) -> Iterator[Callable[[], None] | None]:
+    """The bar of an evaluation pass while the progress display runs (none for the base's evaluation before it)."""
+    if run.progress is None:
+        yield None
+        return
+    with run.progress.pass_bar(what, total, timed=what == "eval") as advance:
+        yield advance
 
 
 def generated_scores(run: Run) -> dict[str, float | None]:
@@ -706,7 +731,9 @@ def generated_scores(run: Run) -> dict[str, float | None]:
             warnings.simplefilter("always", MetricWarning)
             try:
                 with run.autocast():
-                    texts = generate(run.model, run.tokenizer, [g.prompt_ids for g in prompts], run.generate_options)
+                    options = run.generate_options
+                    with _pass_bar(run, "generate", math.ceil(len(prompts) / options.batch_size)) as advance:
+                        texts = generate(run.model, run.tokenizer, [g.prompt_ids for g in prompts], options, advance)
             finally:
                 run.model.train()
             scores = text_metrics(texts, [g.references for g in prompts], names)
@@ -883,27 +910,69 @@ class StopFlag:
 
 
 class _Progress:
-    """A rich progress bar: step, loss, learning rate, tokens/s and time left."""
+    """A rich progress bar: step, loss, learning rate, tokens/s and the time left for the whole run: the steps left
+    at this invocation's mean step time plus the evaluations left at its mean evaluation time. An evaluation or
+    generation pass shows a bar of its own while it runs."""
 
-    def __init__(self, console: Any, total: int, start: int) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    def __init__(self, console: Any, total: int, start: int, evals_left: Callable[[int], int]) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
         self.progress = Progress(
-            TextColumn("step"),
+            TextColumn("{task.description}"),
             MofNCompleteColumn(),
             BarColumn(),
-            TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[tps]} tok/s"),
-            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
             console=console,
         )
-        self.task = self.progress.add_task("train", total=total, completed=start, loss="-", lr="-", tps="-")
+        self.total = total
+        self.evals_left = evals_left
+        self.step_seconds: list[float] = []
+        self.eval_seconds: list[float] = []
+        self.task = self.progress.add_task("step", total=total, completed=start, info="loss -  lr -  - tok/s")
 
-    def update(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
-        self.progress.update(self.task, completed=step, loss=f"{loss:.4f}", lr=f"{lr:.2e}", tps=f"{tokens_per_s:,.0f}")
+    def update(self, step: int, loss: float, lr: float, tokens_per_s: float, seconds: float) -> None:
+        self.step_seconds.append(seconds)
+        info = f"loss {loss:.4f}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s  left {_clock(self.seconds_left(step))}"
+        self.progress.update(self.task, completed=step, info=info)
+
+    def seconds_left(self, step: int) -> float:
+        """Steps and evaluations still to come, each at the mean time this invocation measured for it."""
+        per_step = sum(self.step_seconds) / len(self.step_seconds) if self.step_seconds else 0.0
+        per_eval = sum(self.eval_seconds) / len(self.eval_seconds) if self.eval_seconds else 0.0
+        return (self.total - step) * per_step + self.evals_left(step) * per_eval
+
+    @contextlib.contextmanager
+    def pass_bar(self, what: str, total: int, timed: bool = True) -> Iterator[Callable[[], None]]:
+        """A bar of its own for an evaluation or generation pass of `total` batches; yields its advance."""
+        started = time.perf_counter()
+        task = self.progress.add_task(what, total=total, info="")
+        try:
+            yield lambda: self.progress.advance(task)
+        finally:
+            self.progress.remove_task(task)
+            if timed:
+                self.eval_seconds.append(time.perf_counter() - started)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def evals_left(cfg: TrainConfig, total: int, evaluates: bool) -> Callable[[int], int]:
+    """The number of evaluations after step `step`: every `eval_every` steps before the last, then the final one."""
+
+    def left(step: int) -> int:
+        if not evaluates or step >= total:
+            return 0
+        periodic = (total - 1) // cfg.eval_every - step // cfg.eval_every if cfg.eval_every else 0
+        return periodic + 1
+
+    return left
 
 
 @contextlib.contextmanager
-def _progress(console: Any, total: int, start: int) -> Iterator[_Progress]:
-    bar = _Progress(console, total, start)
+def _progress(console: Any, total: int, start: int, left: Callable[[int], int]) -> Iterator[_Progress]:
+    bar = _Progress(console, total, start, left)
     with bar.progress:
         yield bar

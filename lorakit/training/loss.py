@@ -119,8 +119,10 @@ def dataset_loss(
     task: str = "causal-lm",
     max_batches: int | None = None,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    on_batch: Callable[[], None] | None = None,
 ) -> LossResult:
-    """Token-weighted mean loss over `examples` (in order, batches of `batch_size`, no label smoothing)."""
+    """Token-weighted mean loss over `examples` (in order, batches of `batch_size`, no label smoothing); `on_batch`
+    is called after each batch (a progress bar)."""
     was_training = model.training
     model.eval()
     device = next(p.device for p in model.parameters())
@@ -136,5 +138,7 @@ def dataset_loss(
             loss_sum, tokens = batch_loss(model, batch, task)
         total += float(loss_sum)
         count += tokens
+        if on_batch is not None:
+            on_batch()
     model.train(was_training)
     return LossResult(total / max(count, 1), count)
