@@ -71,6 +71,6 @@ def test_a_missing_extra_names_it_before_loading(inputs, tmp_path, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     out = tmp_path / "run"
-    result = runner.invoke(app, [*inputs, "--report-to", "tensorboard,wandb", "--out", str(out)])
+    result = runner.invoke(app, [*inputs, "--report-to", "wandb", "--out", str(out)])
     assert result.exit_code == 2 and "pip install 'lorakit[wandb]'" in result.stderr
     assert len(result.stderr.splitlines()) == 1 and not out.exists()
