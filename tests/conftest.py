@@ -31,3 +31,23 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """A tiny GPT-2 model folder (with the word-level tokenizer), one per test module."""
+    from tiny import save_model, tiny_gpt2
+
+    return save_model(tiny_gpt2(), tmp_path_factory.mktemp("model") / "gpt2")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """10 training rows (5 batches of 2 per epoch) and 6 evaluation rows of other prompts, one set per module."""
+    from tiny import learnable_rows, write_jsonl
+
+    root = tmp_path_factory.mktemp("data")
+    return {
+        "train": write_jsonl(root / "train.jsonl", learnable_rows(10, seed=0)),
+        "eval": write_jsonl(root / "eval.jsonl", learnable_rows(6, seed=1)),
+    }

@@ -14,7 +14,7 @@ import yaml
 from rich.console import Console
 from safetensors import safe_open
 from safetensors.torch import load_file
-from tiny import learnable_rows, save_model, tiny_gpt2, write_jsonl
+from tiny import write_jsonl
 from typer.testing import CliRunner
 
 import lorakit.training.checkpoint
@@ -28,21 +28,6 @@ from lorakit.training.loop import StopFlag, restore_best, train
 
 runner = CliRunner()
 WIDE = {"COLUMNS": "300"}  # rich draws the summary table on one line per row
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return save_model(tiny_gpt2(), tmp_path_factory.mktemp("model") / "gpt2")
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """10 training rows (5 batches of 2) and 6 evaluation rows of other prompts."""
-    root = tmp_path_factory.mktemp("data")
-    return {
-        "train": write_jsonl(root / "train.jsonl", learnable_rows(10, seed=0)),
-        "eval": write_jsonl(root / "eval.jsonl", learnable_rows(6, seed=1)),
-    }
 
 
 def options(model: Path, data: dict, out: Path, **more) -> dict:

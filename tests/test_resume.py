@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny import learnable_rows, save_model, tiny_gpt2, write_jsonl
+from tiny import tiny_gpt2
 from typer.testing import CliRunner
 
 import lorakit
@@ -39,20 +39,6 @@ def cpu_only():
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch.cuda, "is_available", lambda: False)
         yield
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return save_model(tiny_gpt2(), tmp_path_factory.mktemp("model") / "gpt2")
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    return {
-        "train": write_jsonl(root / "train.jsonl", learnable_rows(10, seed=0)),
-        "eval": write_jsonl(root / "eval.jsonl", learnable_rows(6, seed=1)),
-    }
 
 
 def config(model: Path, data: dict, out: Path, **options):

@@ -14,7 +14,7 @@ import torch
 import typer
 import yaml
 from safetensors.torch import load_file
-from tiny import learnable_rows, save_model, tiny_gpt2, write_jsonl
+from tiny import learnable_rows, tiny_gpt2, write_jsonl
 from typer.testing import CliRunner
 
 import lorakit.models
@@ -30,11 +30,6 @@ from lorakit.training.loop import lr_at, read_data, train
 from lorakit.training.memory import dry_run, estimate_memory
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return save_model(tiny_gpt2(), tmp_path_factory.mktemp("model") / "gpt2")
 
 
 @pytest.fixture(scope="module")

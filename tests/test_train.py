@@ -42,16 +42,6 @@ def models(tmp_path_factory):
     return {"gpt2": save_model(tiny_gpt2(), root / "gpt2"), "llama": save_model(tiny_llama(), root / "llama")}
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """10 training rows (5 batches of 2 per epoch) and 6 evaluation rows."""
-    root = tmp_path_factory.mktemp("data")
-    return {
-        "train": write_jsonl(root / "train.jsonl", learnable_rows(10, seed=0)),
-        "eval": write_jsonl(root / "eval.jsonl", learnable_rows(6, seed=1)),
-    }
-
-
 def config(model: Path, data: dict, out: Path, **options) -> TrainConfig:
     base = dict(model=str(model), data=str(data["train"]), eval_data=str(data["eval"]), out=str(out))
     base.update(batch_size=2, max_steps=4, lr=1e-2)
