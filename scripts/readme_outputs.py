@@ -121,10 +121,19 @@ def _abridged_json(shown: str) -> str:
 
 
 def demo_outputs() -> dict[str, str]:
-    """The main job, `lorakit train` with no arguments (trains SmolLM2 for a few minutes on CPU)."""
+    """The main job, `lorakit train` with no arguments (trains SmolLM2 for a few minutes on CPU), its dry run
+    before and a generation with its adapter after."""
     with tempfile.TemporaryDirectory() as tmp, _in_folder(Path(tmp)):
+        dry_run = _cli("lorakit train --dry-run")
         shown = _cli("lorakit train --out runs/demo")
-    return {"demo": _strip(shown.replace(str(Path.home()), "~"))}
+        prompt = "name[Golden Lotus], food[Thai], area[riverside], price[cheap]"
+        generated = _cli(f'lorakit generate runs/demo/adapter.safetensors --prompt "{prompt}" --max-new-tokens 40')
+    home = str(Path.home())
+    return {
+        "demo": _strip(shown.replace(home, "~")),
+        "demo-dry-run": _strip(dry_run.replace(home, "~")),
+        "demo-generate": _strip(generated.replace(home, "~")),
+    }
 
 
 PRODUCERS: dict[str, Callable[[], dict[str, str]]] = {"tiny": tiny_outputs, "demo": demo_outputs}
