@@ -111,6 +111,7 @@ def test_a_chat_model_gets_its_template_and_chat_keeps_the_history(adapter, tmp_
         (["generate", "A", "--prompt", "w5", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
         (["generate", "A", "--prompt", "w5", "--chat"], "has no chat template"),
         (["generate", "A", "--prompts-file", "missing.txt"], "no such prompts file"),
+        (["generate", "A", "--prompt", "w5", "--prompt", ""], "prompt 2 ('') has no tokens"),
         (["chat", "A"], "has no chat template"),
     ],
 )

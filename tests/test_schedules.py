@@ -14,7 +14,7 @@ import torch
 import typer
 import yaml
 from safetensors.torch import load_file
-from tiny import learnable_rows, tiny_gpt2, write_jsonl
+from tiny import killed_in_step, learnable_rows, tiny_gpt2, write_jsonl
 from typer.testing import CliRunner
 
 import lorakit.models
@@ -200,21 +200,14 @@ def test_a_split_that_leaves_no_evaluation_rows_is_refused(model, tmp_path):
     assert "2 empty completion" in line and not out.exists()
 
 
-def test_a_resumed_run_sees_the_same_split_and_ends_bit_identical(model, rows, tmp_path, monkeypatch):
+def test_a_resumed_run_sees_the_same_split_and_ends_bit_identical(model, rows, tmp_path):
     """Killed in step 4 after the checkpoint of step 2, resumed: the same adapter and metrics as the uninterrupted
     run (the data fingerprints of the split pass); another --val-split on resume is refused."""
     options = dict(val_split=0.1, save_every=2, eval_every=2, dropout=0.1, seed=3)
     full = train(config(model, rows, tmp_path / "full", **options))
 
-    def killed_in_step_4(step, *args):
-        if step == 3:
-            raise KeyboardInterrupt
-        return lr_at(step, *args)
-
-    monkeypatch.setattr(lorakit.training.loop, "lr_at", killed_in_step_4)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_in_step(4), pytest.raises(KeyboardInterrupt):
         train(config(model, rows, tmp_path / "cut", **options))
-    monkeypatch.setattr(lorakit.training.loop, "lr_at", lr_at)
     resumed = train(config(model, rows, tmp_path / "cut", **options, resume=True))
     assert resumed.resumed_from == 2 and resumed.steps == full.steps == 4
     a, b = load_file(str(full.adapter)), load_file(str(resumed.adapter))
@@ -232,19 +225,12 @@ def test_the_default_limit_is_the_old_keep():
     assert TrainConfig().save_total_limit == KEEP == 2
 
 
-def test_the_newest_n_checkpoints_are_kept_and_resume_may_change_n(model, rows, tmp_path, monkeypatch):
+def test_the_newest_n_checkpoints_are_kept_and_resume_may_change_n(model, rows, tmp_path):
     out = tmp_path / "run"
     options = dict(max_steps=4, save_every=1, save_total_limit=3)
 
-    def killed_in_step_4(step, *args):
-        if step == 3:
-            raise KeyboardInterrupt
-        return lr_at(step, *args)
-
-    monkeypatch.setattr(lorakit.training.loop, "lr_at", killed_in_step_4)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_in_step(4), pytest.raises(KeyboardInterrupt):
         train(config(model, rows, out, **options))
-    monkeypatch.setattr(lorakit.training.loop, "lr_at", lr_at)
     assert [p.name for p in step_folders(out / "checkpoints")] == ["step-000001", "step-000002", "step-000003"]
     result = runner.invoke(app, ["train", "--resume", "--out", str(out), "--save-total-limit", "1"])
     assert result.exit_code == 0, result.output

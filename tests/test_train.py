@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tiny import (
+    killed_in_step,
     learnable_rows,
     randomize_lora,
     save_model,
@@ -360,21 +361,14 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_ends_bit_identical(models, data, t
     assert max(r["epoch"] for r in metrics(full) if "epoch" in r) > 1  # the run crossed an epoch boundary
 
 
-def test_killed_run_resumes_from_the_last_periodic_checkpoint(models, data, tmp_path, monkeypatch):
+def test_killed_run_resumes_from_the_last_periodic_checkpoint(models, data, tmp_path):
     """A run that dies without a checkpoint of its own (a second Ctrl-C, a kill) resumes from the last one saved;
     the metrics lines written after that checkpoint are replaced, not repeated."""
     cfg = dict(RESUME_OPTIONS, grad_accum=2)
     full = train(config(models["gpt2"], data, tmp_path / "full", **cfg))
 
-    def killed_in_step_4(step, *args):
-        if step == 3:
-            raise KeyboardInterrupt
-        return lr_at(step, *args)
-
-    monkeypatch.setattr(lorakit.training.loop, "lr_at", killed_in_step_4)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_in_step(4), pytest.raises(KeyboardInterrupt):
         train(config(models["gpt2"], data, tmp_path / "cut", **cfg))
-    monkeypatch.setattr(lorakit.training.loop, "lr_at", lr_at)
     assert max(r["step"] for r in metrics(tmp_path / "cut")) == 3  # logged past the checkpoint at step 2
 
     resumed = train(config(models["gpt2"], data, tmp_path / "cut", **cfg, resume=True))

@@ -125,3 +125,28 @@ def learnable_rows(n: int, seed: int = 0) -> list[dict]:
             {"prompt": " ".join(f"w{k}" for k in words), "completion": " ".join(f"w{k + 10}" for k in words[:3])}
         )
     return rows
+
+
+def killed_in_step(step: int):
+    """A context: lorakit.training.loop.lr_at raises KeyboardInterrupt when step `step` (1-based) starts, with no
+    checkpoint of its own (what a kill leaves); the real lr_at is back afterwards."""
+    import contextlib
+
+    import lorakit.training.loop as loop
+
+    @contextlib.contextmanager
+    def patched():
+        real = loop.lr_at
+
+        def lr_at(s, *args):
+            if s == step - 1:
+                raise KeyboardInterrupt
+            return real(s, *args)
+
+        loop.lr_at = lr_at
+        try:
+            yield
+        finally:
+            loop.lr_at = real
+
+    return patched()

@@ -99,6 +99,9 @@ def read_prompts(path: Path) -> list[str]:
 def generate_texts(adapted: Adapted, prompts: list[str], options: GenerateOptions, chat: bool) -> list[str]:
     """The continuation of each prompt (batched as `options.batch_size` says)."""
     ids = [prompt_ids(adapted.tokenizer, [{"role": "user", "content": p}], chat) for p in prompts]
+    empty = next((i for i, p in enumerate(ids) if not p), None)
+    if empty is not None:
+        raise LorakitError(f"prompt {empty + 1} ({prompts[empty]!r}) has no tokens; expected some text")
     longest = max(range(len(ids)), key=lambda i: len(ids[i]))
     return generate(adapted.model, adapted.tokenizer, ids, fitted(options, len(ids[longest]), adapted.positions))
 
