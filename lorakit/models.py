@@ -90,10 +90,15 @@ def packaged_gguf() -> Path:
     raise LorakitError(f"the packaged default model is not installed; run `{PACKAGED_PIP}` or pass --model")
 
 
+def packaged_folder() -> Path:
+    """Where the packaged SmolLM2 is (or will be) converted to a safetensors model folder."""
+    return cache_dir() / "SmolLM2-135M-Instruct"
+
+
 def packaged_model_dir() -> Path:
     """The packaged SmolLM2 as a safetensors model folder, converted from GGUF on first use."""
     gguf = packaged_gguf()
-    folder = cache_dir() / "SmolLM2-135M-Instruct"
+    folder = packaged_folder()
     if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
         return folder
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -117,9 +117,24 @@ def _usage(kind: str, base: str, name: str, classifier: bool) -> str:
     else:
         code = (
             f"from peft import PeftModel\nfrom transformers import {auto}\n\n"
-            f'base = {auto}.from_pretrained("{base}")\nmodel = PeftModel.from_pretrained(base, "{name}")'
+            f'base = {auto}.from_pretrained("{PACKAGED_HUB_ID if base == PACKAGED else base}")\n'
+            f'model = PeftModel.from_pretrained(base, "{name}")'
         )
-    return f"## Use\n\n```python\n{code}\n```"
+    return f"## Use\n\n```python\n{code}\n```" + (_packaged_note(name) if kind == "peft" and base == PACKAGED else "")
+
+
+def _packaged_note(name: str) -> str:
+    """Where the packaged default's weights are, and how they differ from the hub's."""
+    from ..models import packaged_folder
+
+    return (
+        f"\n\nThe adapter was trained on lorakit's packaged default (`{PACKAGED}`): the Q4_1 GGUF of "
+        f"SmolLM2-135M-Instruct dequantized to float32, here in `{packaged_folder()}`. `{PACKAGED_HUB_ID}` "
+        "(what `adapter_config.json` names, so that PEFT and transformers can load the folder) holds the same "
+        "model at full precision, so its outputs differ slightly from lorakit's; for lorakit's exact base pass that "
+        f'folder: `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{packaged_folder()}"), '
+        f'"{name}")`.'
+    )
 
 
 def _lora_table(adapter: Adapter) -> str:

@@ -7,7 +7,12 @@ A PEFT LoRA folder holds `adapter_config.json` and `adapter_model.safetensors` w
 A fused projection adapted on k output slices (GPT-2 `c_attn` with q and v) has no PEFT equivalent, so it is
 exported as one rank k*r adapter on the whole module: A stacks the slices' A, B is block-structured (slice
 i's output rows use only columns i*r:(i+1)*r, other rows stay zero) and alpha becomes k*alpha, so that
-alpha/r, and with it the update, is unchanged. This is exact.
+alpha/r, and with it the update, is unchanged. This is exact, and import recognises the structure and restores
+the slices (same tensors, same file size).
+
+The weights file's safetensors metadata carries what PEFT has no key for (`lorakit_targets`, the targets spec;
+`lorakit_base_model`, the base as lorakit names it); PEFT and vLLM ignore it. An adapter on lorakit's packaged
+default names its hub id as base_model_name_or_path, so that PEFT and transformers can load it.
 
 A trained head (the `trained_params` of a classification adapter) is PEFT's `modules_to_save`: the config
 names the modules owning its parameters and the file holds them as `base_model.model.<param name>`.
@@ -42,8 +47,10 @@ from ..lora.adapter import (
     show_value,
 )
 from ..lora.base import linear_at
-from ..lora.targets import Target
+from ..lora.layer import Slice
+from ..lora.targets import Target, fused_slices
 from ..lora.wrap import wrap_targets
+from ..models import PACKAGED, PACKAGED_HUB_ID
 from .card import CARD_NAME, model_card
 
 CONFIG_NAME = "adapter_config.json"
@@ -103,13 +110,21 @@ def export_peft(adapter: str | os.PathLike, out: str | os.PathLike, overwrite: b
     for name in source.trained_params:  # PEFT stores a modules_to_save module's weights under their plain names
         tensors[f"{PREFIX}{name}"] = source.tensors[name].float().contiguous()
     config = _peft_config(source, ranks, alphas, heads)
+    targets = source.metadata.get("targets", "")
+    metadata = {"format": "pt", "lorakit_targets": targets, "lorakit_base_model": source.base_model}
     out = Path(out)
     with atomic_dir(out, overwrite, kind=KIND) as tmp:
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        card = model_card(source, KIND, config.get("base_model_name_or_path") or source.base_model, out.name)
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=metadata)
+        card = model_card(source, KIND, source.base_model or config.get("base_model_name_or_path") or "", out.name)
         (tmp / CARD_NAME).write_text(card, encoding="utf-8")
     return out
+
+
+def peft_base_name(base_model: str) -> str:
+    """base_model_name_or_path for an adapter recording `base_model`: the packaged default's hub id (PEFT and
+    transformers cannot resolve `lorakit:` names), else the recorded hub id or folder."""
+    return PACKAGED_HUB_ID if base_model == PACKAGED else base_model
 
 
 def _peft_pair(info: ModuleInfo, tensors: dict[str, Tensor]) -> tuple[Tensor, Tensor, int, float]:
@@ -168,7 +183,7 @@ def _peft_config(source: Adapter, ranks: dict[str, int], alphas: dict[str, float
     return {
         "peft_type": "LORA",
         **_task_fields(source.metadata.get("base_class", "")),
-        "base_model_name_or_path": source.base_model or None,
+        "base_model_name_or_path": peft_base_name(source.base_model) or None,
         "revision": None,
         "r": r,
         "lora_alpha": _number(alpha),
@@ -230,7 +245,9 @@ def import_peft(
     pairs, heads = read_peft_tensors(peft_dir, config.get("modules_to_save") or [])
     alphas = {path: _alpha(peft_dir, config, path, a.shape[0]) for path, (a, _) in pairs.items()}
     dropout = _dropout(peft_dir, config)
-    source = model or config.get("base_model_name_or_path")
+    recorded = _lorakit_metadata(peft_dir)
+    packaged = recorded.get("lorakit_base_model") == PACKAGED  # exported by lorakit from the packaged default
+    source = model or (PACKAGED if packaged else config.get("base_model_name_or_path"))
     if not source:
         raise LorakitError(
             f"{peft_dir / CONFIG_NAME}: records no base_model_name_or_path; pass --model (a hub id or model folder)"
@@ -240,14 +257,52 @@ def import_peft(
     base.requires_grad_(False)
     _set_heads(peft_dir, base, heads)
     for path, (a, b) in pairs.items():
-        rank = a.shape[0]  # the config's r for this module, checked equal by _alpha
-        wrap_targets(base, [Target(path, None)], rank, alphas[path], dropout)
+        split = _split_blocks(fused_slices(base, path), a, b)
+        if split is None:  # one pair on the whole module, at the config's r (checked equal by _alpha)
+            slices, parts, alpha = None, [(a, b)], alphas[path]
+        else:  # lorakit's export of k slices: rank k*r and alpha k*alpha back to r and alpha
+            slices, parts, alpha = tuple(split[0]), split[1], alphas[path] / len(split[0])
+        wrap_targets(base, [Target(path, slices)], parts[0][0].shape[0], alpha, dropout)
         layer = base.get_submodule(path)
         with torch.no_grad():
-            layer.lora_A[0].copy_(a.float())  # (r, in)
-            layer.lora_B[0].copy_(b.float())  # (out, r)
-    base.lorakit_targets = _targets_string(config.get("target_modules"), pairs)
+            for i, (a_i, b_i) in enumerate(parts):
+                layer.lora_A[i].copy_(a_i.float())  # (r, in)
+                layer.lora_B[i].copy_(b_i.float())  # (out_slice, r)
+    base.lorakit_targets = recorded.get("lorakit_targets") or _targets_string(config.get("target_modules"), pairs)
     return save_adapter(base, out, base_model=str(source))
+
+
+def _split_blocks(
+    slices: tuple[Slice, ...] | None, a: Tensor, b: Tensor
+) -> tuple[list[Slice], list[tuple[Tensor, Tensor]]] | None:
+    """The slices and their (A (r, in), B (out_slice, r)) pairs when a pair on a fused projection has the block
+    structure export gives k adapted slices: B's rows of the other slices are zero, and the i-th adapted slice's
+    rows are zero outside columns i*r:(i+1)*r (r = rank / k); None for any other pair (a dense B, a B of zeros).
+    """
+    if slices is None:
+        return None
+    used = [s for s in slices if b[s.start : s.stop].any()]
+    k = len(used)
+    if k == 0 or a.shape[0] % k:
+        return None
+    r = a.shape[0] // k
+    for i, s in enumerate(used):
+        block = b[s.start : s.stop]  # (out_slice, k*r)
+        if block[:, : i * r].any() or block[:, (i + 1) * r :].any():
+            return None
+    return used, [(a[i * r : (i + 1) * r], b[s.start : s.stop, i * r : (i + 1) * r]) for i, s in enumerate(used)]
+
+
+def _lorakit_metadata(peft_dir: Path) -> dict[str, str]:
+    """The `lorakit_*` keys of the weights file's safetensors metadata (a folder lorakit exported), else {}."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(peft_dir / WEIGHTS_NAME), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception:  # read_peft_tensors has already reported an unreadable file
+        return {}
+    return {k: v for k, v in metadata.items() if k.startswith("lorakit_") and isinstance(v, str)}
 
 
 def _import_out(out: Path, overwrite: bool) -> Path:

@@ -232,6 +232,17 @@ def _target(model: nn.Module, path: str, module: nn.Module, parts: set[int] | No
     return Target(path, tuple(Slice(names[p], p * size, (p + 1) * size) for p in sorted(parts)))
 
 
+def fused_slices(model: nn.Module, path: str) -> tuple[Slice, ...] | None:
+    """All output slices of the fused projection at `path` (GPT-2 `c_attn`: q, k, v), as the `q`/`k`/`v` aliases
+    cut them; None when the module is not a fused one of its architecture."""
+    table = alias_table(getattr(getattr(model, "config", None), "model_type", None))
+    parts = {a.parts for aliases in table.values() for a in aliases if a.parts > 1 and _suffix_matches(path, a.suffix)}
+    if len(parts) != 1:
+        return None
+    n = parts.pop()
+    return _target(model, path, model.get_submodule(path), set(range(n)), n).slices
+
+
 def _short_names(modules: dict[str, nn.Module]) -> str:
     """Distinct module paths with block indices collapsed, e.g. `transformer.h.*.attn.c_attn`."""
     seen: list[str] = []

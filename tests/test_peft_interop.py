@@ -1,0 +1,131 @@
+"""PEFT folders that PEFT's own loaders take (AutoPeftModelForCausalLM, the packaged default's hub id) and
+import of lorakit's fused-slice export back to the same slices."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from tiny import probe_ids, randomize_lora, save_model, tiny_gpt2, tiny_llama
+from torch import nn
+
+import lorakit
+from lorakit.deploy import peft as peft_module
+from lorakit.deploy.peft import export_peft, import_peft
+from lorakit.lora.adapter import read_adapter, save_adapter
+from lorakit.models import PACKAGED, PACKAGED_HUB_ID, load_base
+
+peft = pytest.importorskip("peft")
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bases")
+    return {"gpt2": save_model(tiny_gpt2(), root / "gpt2"), "llama": save_model(tiny_llama(), root / "llama")}
+
+
+def logits(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=probe_ids()).logits
+
+
+def adapter(folder: Path, targets: str, path: Path, rank: int = 8, alpha: float = 8.0, base: str = "") -> nn.Module:
+    model = load_base(str(folder))
+    lorakit.add_lora(model, targets, rank=rank, alpha=alpha)
+    randomize_lora(model)
+    save_adapter(model, path, base_model=base or str(folder))
+    return model
+
+
+@pytest.mark.parametrize("targets", ["q,v", "v", "q,k,v", "q,v,o"])
+def test_import_restores_fused_slices_bit_exactly(bases, tmp_path, targets):
+    """lorakit -> PEFT (one rank-k*r pair on c_attn) -> lorakit gives back the q/k/v slices: same tensors, ranks,
+    alphas, slices and targets record, so the same file size (before: a rank-2r adapter on all of c_attn)."""
+    adapter(bases["gpt2"], targets, tmp_path / "a.safetensors", alpha=12.0)
+    export_peft(tmp_path / "a.safetensors", tmp_path / "peft")
+    back = import_peft(tmp_path / "peft", tmp_path / "b.safetensors")
+
+    a, b = read_adapter(tmp_path / "a.safetensors"), read_adapter(back)
+    assert a.tensors.keys() == b.tensors.keys()
+    assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+    assert [(m.path, m.rank, m.alpha, m.slices) for m in a.modules] == [
+        (m.path, m.rank, m.alpha, m.slices) for m in b.modules
+    ]
+    assert b.metadata["targets"] == targets
+    assert back.stat().st_size == (tmp_path / "a.safetensors").stat().st_size
+
+
+def test_import_keeps_a_dense_c_attn_adapter_whole(bases, tmp_path):
+    """A PEFT adapter trained on all of c_attn (dense B) has no block structure: it stays one pair."""
+    model = peft.get_peft_model(load_base(str(bases["gpt2"])), peft.LoraConfig(r=4, target_modules=["c_attn"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    model.save_pretrained(tmp_path / "peft")
+    back = read_adapter(import_peft(tmp_path / "peft", tmp_path / "b.safetensors"))
+    assert [(m.rank, m.slices) for m in back.modules] == [(4, None), (4, None)]
+
+
+@pytest.mark.parametrize("arch, targets", [("gpt2", "q,v"), ("llama", "q,v,o")])
+def test_auto_peft_model_loads_exported_folder(bases, tmp_path, arch, targets):
+    from peft import AutoPeftModelForCausalLM
+
+    model = adapter(bases[arch], targets, tmp_path / "a.safetensors")
+    out = export_peft(tmp_path / "a.safetensors", tmp_path / "peft")
+    loaded = AutoPeftModelForCausalLM.from_pretrained(str(out)).eval()
+    assert (logits(loaded) - logits(model)).abs().max().item() <= TOL
+
+
+def test_export_of_packaged_default_names_its_hub_id(bases, tmp_path, monkeypatch):
+    """An adapter recording `lorakit:smollm2-135m-instruct` (a name only lorakit resolves) is exported with the
+    hub id as base_model_name_or_path; the card says where lorakit's own base is; loading on the local base
+    folder works; import without --model goes back to the packaged default."""
+    model = adapter(bases["llama"], "q,v", tmp_path / "a.safetensors", base=PACKAGED)
+    out = export_peft(tmp_path / "a.safetensors", tmp_path / "peft")
+
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == PACKAGED_HUB_ID
+    with safe_open(str(out / "adapter_model.safetensors"), framework="pt") as f:
+        assert f.metadata()["lorakit_base_model"] == PACKAGED
+    card = (out / "README.md").read_text()
+    assert f"base_model: {PACKAGED_HUB_ID}" in card
+    assert f'from_pretrained("{PACKAGED_HUB_ID}")' in card
+    assert str(lorakit.models.packaged_folder()) in card and "Q4_1" in card
+
+    loaded = peft.PeftModel.from_pretrained(load_base(str(bases["llama"])), out).eval()  # the local base folder
+    assert (logits(loaded) - logits(model)).abs().max().item() <= TOL
+
+    seen = []
+
+    def fake_base(source, config, heads):
+        seen.append(source)
+        return load_base(str(bases["llama"]))
+
+    monkeypatch.setattr(peft_module, "_load_base_for", fake_base)
+    back = read_adapter(import_peft(out, tmp_path / "b.safetensors"))
+    assert seen == [PACKAGED] and back.base_model == PACKAGED
+
+
+@pytest.mark.slow
+def test_packaged_default_export_loads_on_its_local_folder(tmp_path, user_cache):
+    """The real packaged SmolLM2 (skipped when not installed): PEFT on the converted local folder gives
+    lorakit's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.models import packaged_model_dir
+
+    try:
+        folder = packaged_model_dir()
+    except lorakit.LorakitError as e:
+        pytest.skip(str(e))
+    model = adapter(folder, "q,v", tmp_path / "a.safetensors", rank=4, base=PACKAGED)
+    out = export_peft(tmp_path / "a.safetensors", tmp_path / "peft")
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == PACKAGED_HUB_ID
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    loaded = peft.PeftModel.from_pretrained(base, out).eval()
+    assert (logits(loaded) - logits(model)).abs().max().item() <= 1e-4
