@@ -670,9 +670,12 @@ def export(
 ) -> None:
     """Write the adapter in Hugging Face PEFT's format (adapter_config.json + adapter_model.safetensors)."""
     from .deploy.peft import export_peft
+    from .deploy.vllm import report_lines
 
     path = export_peft(adapter, out, overwrite=overwrite)
     _console().print(f"wrote {path} (PEFT LoRA)")
+    for line in report_lines(path):  # plain echo: the serve command must not be wrapped or marked up
+        typer.echo(line)
 
 
 @app.command("import")

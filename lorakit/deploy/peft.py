@@ -11,7 +11,7 @@ alpha/r, and with it the update, is unchanged. This is exact, and import recogni
 the slices (same tensors, same file size).
 
 The weights file's safetensors metadata carries what PEFT has no key for (`lorakit_targets`, the targets spec;
-`lorakit_base_model`, the base as lorakit names it); PEFT and vLLM ignore it. An adapter on lorakit's packaged
+`lorakit_base_model`, the base as lorakit names it; `lorakit_base_class`); PEFT and vLLM ignore it. An adapter on lorakit's packaged
 default names its hub id as base_model_name_or_path, so that PEFT and transformers can load it.
 
 A trained head (the `trained_params` of a classification adapter) is PEFT's `modules_to_save`: the config
@@ -112,6 +112,7 @@ def export_peft(adapter: str | os.PathLike, out: str | os.PathLike, overwrite: b
     config = _peft_config(source, ranks, alphas, heads)
     targets = source.metadata.get("targets", "")
     metadata = {"format": "pt", "lorakit_targets": targets, "lorakit_base_model": source.base_model}
+    metadata["lorakit_base_class"] = source.metadata.get("base_class", "")  # what the vLLM check reads
     out = Path(out)
     with atomic_dir(out, overwrite, kind=KIND) as tmp:
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
