@@ -11,8 +11,9 @@ alpha/r, and with it the update, is unchanged. This is exact, and import recogni
 the slices (same tensors, same file size).
 
 The weights file's safetensors metadata carries what PEFT has no key for (`lorakit_targets`, the targets spec;
-`lorakit_base_model`, the base as lorakit names it; `lorakit_base_class`); PEFT and vLLM ignore it. An adapter on lorakit's packaged
-default names its hub id as base_model_name_or_path, so that PEFT and transformers can load it.
+`lorakit_base_model`, the base as lorakit names it; `lorakit_base_class`); PEFT and vLLM ignore it. An adapter
+on lorakit's packaged default names its hub id as base_model_name_or_path, so that PEFT and transformers can
+load it.
 
 A trained head (the `trained_params` of a classification adapter) is PEFT's `modules_to_save`: the config
 names the modules owning its parameters and the file holds them as `base_model.model.<param name>`.
