@@ -10,6 +10,7 @@ import re
 import tempfile
 import warnings
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,9 +119,15 @@ def generate(
     prompts: list[list[int]],
     options: GenerateOptions,
     on_batch: Callable[[], None] | None = None,
+    adapters: list[int] | None = None,
 ) -> list[str]:
     """Decoded continuations of each prompt (batched, left-padded), cut at `options.stop`; `on_batch` is called
-    after each batch (a progress bar)."""
+    after each batch (a progress bar). `adapters`: on a model with stacked adapters (lora/multi.py), the adapter
+    index of each prompt (-1: the base alone)."""
+    from ..lora.multi import adapter_per_row
+
+    if adapters is not None and len(adapters) != len(prompts):
+        raise LorakitError(f"{len(adapters)} adapter indices for {len(prompts)} prompts")
     model.eval()
     device = next(p.device for p in model.parameters())
     eos = tokenizer.eos_token_id
@@ -131,17 +138,19 @@ def generate(
         width = max(len(p) for p in chunk)
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)  # (B, T) left-padded
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            **_sampling(options),
-            num_beams=options.num_beams,
-            length_penalty=options.length_penalty,
-            no_repeat_ngram_size=options.no_repeat_ngram_size,
-            max_new_tokens=options.max_new_tokens,
-            eos_token_id=eos,
-            pad_token_id=pad,
-        )
+        rows = adapter_per_row(model, adapters[start : start + len(chunk)]) if adapters is not None else nullcontext()
+        with rows:
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                **_sampling(options),
+                num_beams=options.num_beams,
+                length_penalty=options.length_penalty,
+                no_repeat_ngram_size=options.no_repeat_ngram_size,
+                max_new_tokens=options.max_new_tokens,
+                eos_token_id=eos,
+                pad_token_id=pad,
+            )
         for row in out[:, width:].tolist():
             text = tokenizer.decode(row, skip_special_tokens=True)
             texts.append(text.split(options.stop)[0].strip() if options.stop else text.strip())

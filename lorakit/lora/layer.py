@@ -33,6 +33,10 @@ class Slice:
         return self.stop - self.start
 
 
+# One adapter of a layer's bank: its A list (each (r, in)), B list (each (out_slice, r)), scaling and output ranges.
+BankEntry = tuple[list[torch.Tensor], list[torch.Tensor], float, tuple[tuple[int, int], ...]]
+
+
 def all_finite(t: torch.Tensor) -> bool:
     """No inf or NaN in `t`. A float32 sum is finite when every element is (inf and NaN propagate) and far
     cheaper than an elementwise test; only a sum that overflows needs the elementwise confirmation."""
@@ -202,6 +206,10 @@ class LoRALayer(nn.Module):
         )  # each (out_slice, r)
         self.merged = False
         self.enabled = True
+        # Several adapters at once (lora/multi.py): per adapter (A list, B list, scaling, output ranges), or None
+        # where it leaves this module alone; and which adapter each batch row takes (-1: none).
+        self.bank: list[BankEntry | None] | None = None
+        self.row_adapter: torch.Tensor | int | None = None
         self.reset_parameters()
         self.train(base.training)  # a layer added to a model in eval mode must not start dropping out
 
@@ -221,6 +229,8 @@ class LoRALayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or not self.enabled:
             return self.base(x)
+        if self.bank is not None:
+            return self._forward_rows(x)
         ranges = tuple((s.start, s.stop) for s in self.slices) if not self.is_full else ((0, self.out_features),)
         if self._fusable(x):
             base = self.base
@@ -233,6 +243,32 @@ class LoRALayer(nn.Module):
         if self.is_full:
             return out + F.linear(a, self.lora_B[0]).to(out.dtype)
         return _AddLowRankToSlices.apply(out, a, ranges, *self.lora_B)
+
+    def _forward_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The base output, plus on each batch row the update of the bank's adapter that `row_adapter` names."""
+        rows = self.row_adapter
+        if rows is None:
+            raise LorakitError("this model holds several adapters; choose each row's with adapter_per_row")
+        if isinstance(rows, int):
+            rows = torch.full((x.shape[0],), rows, device=x.device)
+        elif x.shape[0] != rows.numel():  # beam search repeats each row in place
+            if x.shape[0] % rows.numel():
+                raise LorakitError(f"{rows.numel()} row adapters for a batch of {x.shape[0]} rows")
+            rows = rows.to(x.device).repeat_interleave(x.shape[0] // rows.numel())
+        out = self.base(x)  # (batch, ..., out)
+        for j, entry in enumerate(self.bank or []):
+            picked = (rows == j).nonzero().flatten().to(x.device)
+            if entry is None or picked.numel() == 0:
+                continue
+            a_list, b_list, scaling, ranges = entry
+            r = a_list[0].shape[0]
+            h = self.dropout(x[picked]).to(a_list[0].dtype)  # (n, ..., in)
+            low = F.linear(h, torch.cat(a_list)) * scaling  # (n, ..., n_slices * r)
+            part = out[picked]
+            for i, (start, stop) in enumerate(ranges):
+                part[..., start:stop] += F.linear(low[..., i * r : (i + 1) * r], b_list[i]).to(out.dtype)
+            out[picked] = part
+        return out
 
     def _fusable(self, x: torch.Tensor) -> bool:
         """Whether `_LoRALinear` computes this call: a plain frozen nn.Linear / Conv1D base without hooks, the
