@@ -95,3 +95,56 @@ def test_misuse_is_one_clear_error(setup, tmp_path):
     with pytest.raises(LorakitError, match="trained on another base"):
         stack_adapters(plain, adapters)
     assert not any(True for _ in lorakit.lora_layers(plain))  # left as it was
+
+
+def test_eval_generate_runs_the_adapters_in_one_pass_with_the_same_predictions(setup, tmp_path, monkeypatch):
+    """`lorakit eval A B C --generate`: one generation pass over base and adapters (batches mixing models) writes
+    the predictions and scores the one-adapter-at-a-time path gives."""
+    import json
+
+    from tiny import learnable_rows, write_jsonl
+    from typer.testing import CliRunner
+
+    from lorakit.cli import app
+    from lorakit.evaluation import evaluate as evaluate_module
+
+    folder, paths = setup
+    data = write_jsonl(tmp_path / "eval.jsonl", learnable_rows(7, seed=4))
+    calls = []
+    real_generate = evaluate_module.generate
+
+    def counted(*args, **kwargs):
+        calls.append(len(args[2]))
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "generate", counted)
+    outputs = {}
+    for mode in ("stacked", "one at a time"):
+        if mode != "stacked":
+            monkeypatch.setattr(evaluate_module, "stackable", lambda adapters: False)
+        out = tmp_path / mode
+        args = ["eval", *map(str, paths), "--data", str(data), "--generate", "--max-new-tokens", "6"]
+        result = CliRunner().invoke(app, [*args, "--batch-size", "5", "--out", str(out), "--json"])
+        assert result.exit_code == 0, result.output
+        files = sorted(out.glob("*.jsonl"))
+        assert len(files) == 1 + len(paths)
+        outputs[mode] = ({f.name: f.read_text() for f in files}, json.loads(result.stdout))
+    assert calls[0] == 7 * 4 and calls[1:] == [7] * 4  # one pass of 7 prompts x 4 models, then 4 passes of 7
+    assert outputs["stacked"][0] == outputs["one at a time"][0]
+    for a, b in zip(outputs["stacked"][1]["results"], outputs["one at a time"][1]["results"], strict=True):
+        assert a.pop("loss") == pytest.approx(b.pop("loss"), rel=1e-6)
+        assert a.pop("perplexity") == pytest.approx(b.pop("perplexity"), rel=1e-6)
+        a.pop("predictions"), b.pop("predictions")  # the two runs' folders
+        assert a == b and "bleu" in a  # name, tokens and the metrics
+
+
+def test_generate_texts_on_stacked_adapters_equals_each_adapter_loaded_alone(setup):
+    from lorakit.evaluation.generation import generate_texts, load_adapted, load_stacked
+
+    folder, paths = setup
+    prompts = ["w5 w9 w13", "w40", "w7 w7 w8 w60", "w11 w12", "w70 w3", "w33 w34 w35"]
+    options = GenerateOptions(max_new_tokens=6, batch_size=4, stop="")
+    mixed = generate_texts(load_stacked(paths), prompts, options, chat=False, adapters=ROWS)
+    for i, j in enumerate(ROWS):
+        single = load_adapted(paths[j]) if j >= 0 else load_adapted(None, str(folder))
+        assert mixed[i] == generate_texts(single, [prompts[i]], options, chat=False)[0], (i, j)

@@ -243,8 +243,10 @@ def score_model(
     generate_options: GenerateOptions | None,
     metric_names: list[str],
     predictions_file: Path | None,
+    predictions: list[str] | None = None,
 ) -> ModelScores:
-    """Loss and perplexity (the training masking), plus generation metrics or classification accuracy."""
+    """Loss and perplexity (the training masking), plus generation metrics or classification accuracy.
+    `predictions`: the generated texts of the prompts, when they were generated already (else generated here)."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     task = "classification" if encoded.format == "classification" else "causal-lm"
     result = dataset_loss(model, encoded.examples, batch_size, pad_id, task)
@@ -255,7 +257,8 @@ def score_model(
         scores.metrics = classification_metrics(predicted, labels, max(encoded.num_labels or 2, 2))
     elif generate_options is not None:
         groups = prompt_groups(rows, encoded, spec.completion_field, tokenizer, spec.completion_template, spec)
-        predictions = generate(model, tokenizer, [g.prompt_ids for g in groups], generate_options)
+        if predictions is None:
+            predictions = generate(model, tokenizer, [g.prompt_ids for g in groups], generate_options)
         scores.metrics = text_metrics(predictions, [g.references for g in groups], metric_names)
         if predictions_file is not None:
             write_predictions(predictions_file, groups, predictions)
@@ -425,6 +428,9 @@ def evaluate_adapters(
     names = metric_names or ["bleu", "rouge_l"]
     labels = model_labels(adapters)
     files = prediction_files(predictions_dir, labels) if predictions_dir is not None else [None] * len(labels)
+    if generate_options is not None and stackable(loaded):
+        data = (tokenizer, rows, encoded, spec, batch_size, generate_options, names)
+        return _score_stacked(base, loaded, labels, files, *data)
     results = [score_model("base", base, tokenizer, rows, encoded, spec, batch_size, generate_options, names, files[0])]
     for label, adapter, file in zip(labels[1:], loaded, files[1:]):
         if any(True for _ in lora_layers(base)):
@@ -434,4 +440,44 @@ def evaluate_adapters(
         results.append(
             score_model(label, base, tokenizer, rows, encoded, spec, batch_size, generate_options, names, file)
         )
+    return results
+
+
+def stackable(adapters: list[Any]) -> bool:
+    """Whether --generate runs the adapters in one pass (stacked on the base): some adapters, none with a head."""
+    return bool(adapters) and not any(a.trained_params for a in adapters)
+
+
+def _score_stacked(
+    base: nn.Module,
+    loaded: list[Any],
+    labels: list[str],
+    files: list[Path | None],
+    tokenizer: Any,
+    rows: Rows,
+    encoded: Encoded,
+    spec: DataSpec,
+    batch_size: int,
+    options: GenerateOptions,
+    names: list[str],
+) -> list[ModelScores]:
+    """--generate with adapters in one pass: every adapter sits on the base at once (lora/multi.py) and each batch
+    of generation mixes models, each prompt once per model (the base, then each adapter, in that order); the loss
+    runs per model."""
+    from ..lora.multi import adapter_per_row, stack_adapters
+
+    stack_adapters(base, loaded)  # checks every adapter's base fingerprint
+    groups = prompt_groups(rows, encoded, spec.completion_field, tokenizer, spec.completion_template, spec)
+    models = list(range(-1, len(loaded)))  # -1: the base alone
+    order = [(g, m) for g in range(len(groups)) for m in models]
+    prompts = [groups[g].prompt_ids for g, _ in order]
+    texts = generate(base, tokenizer, prompts, options, adapters=[m for _, m in order])
+    results = []
+    for m, label, file in zip(models, labels, files):
+        predictions = [text for (_, model), text in zip(order, texts) if model == m]
+        with adapter_per_row(base, m):
+            scores = score_model(
+                label, base, tokenizer, rows, encoded, spec, batch_size, options, names, file, predictions
+            )
+        results.append(scores)
     return results

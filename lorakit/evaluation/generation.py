@@ -64,6 +64,32 @@ def load_adapted(
     return Adapted(base, tokenizer, base_name(source), context_length(config))
 
 
+def load_stacked(
+    adapters: list[str | Path],
+    model: str | None = None,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+) -> Adapted:
+    """The base (`model`, else the first adapter's recorded base) with every adapter on it at once: generate_texts
+    then takes each prompt's adapter by its index in `adapters` (-1: the base alone)."""
+    from ..lora.adapter import read_adapter
+    from ..lora.multi import stack_adapters
+
+    loaded = [read_adapter(a) for a in adapters]  # every file checked before the model loads
+    for adapter in loaded:
+        if "num_labels" in adapter.metadata:
+            raise LorakitError(f"{adapter.path}: a classification adapter; it labels text (lorakit eval)")
+    adapted = load_adapted(None, model or _recorded(loaded), trust_remote_code, allow_pickle)
+    stack_adapters(adapted.model, loaded)  # checks every adapter's base fingerprint
+    return adapted
+
+
+def _recorded(loaded: list[Any]) -> str | None:
+    from ..models import recorded_base
+
+    return next((recorded_base(a.path, a.base_model) for a in loaded if a.base_model), None)
+
+
 def uses_chat_template(tokenizer: Any, chat: bool | None) -> bool:
     """Whether prompts go through the chat template: `chat` when given, else whether the tokenizer has one."""
     has = bool(getattr(tokenizer, "chat_template", None))
@@ -96,14 +122,18 @@ def read_prompts(path: Path) -> list[str]:
     return prompts
 
 
-def generate_texts(adapted: Adapted, prompts: list[str], options: GenerateOptions, chat: bool) -> list[str]:
-    """The continuation of each prompt (batched as `options.batch_size` says)."""
+def generate_texts(
+    adapted: Adapted, prompts: list[str], options: GenerateOptions, chat: bool, adapters: list[int] | None = None
+) -> list[str]:
+    """The continuation of each prompt (batched as `options.batch_size` says); `adapters`, on a `load_stacked`
+    model: each prompt's adapter index (-1: the base alone), one batch mixing adapters."""
     ids = [prompt_ids(adapted.tokenizer, [{"role": "user", "content": p}], chat) for p in prompts]
     empty = next((i for i, p in enumerate(ids) if not p), None)
     if empty is not None:
         raise LorakitError(f"prompt {empty + 1} ({prompts[empty]!r}) has no tokens; expected some text")
     longest = max(range(len(ids)), key=lambda i: len(ids[i]))
-    return generate(adapted.model, adapted.tokenizer, ids, fitted(options, len(ids[longest]), adapted.positions))
+    options = fitted(options, len(ids[longest]), adapted.positions)
+    return generate(adapted.model, adapted.tokenizer, ids, options, adapters=adapters)
 
 
 def fitted(options: GenerateOptions, prompt_tokens: int, positions: int | None) -> GenerateOptions:
@@ -152,6 +182,7 @@ def _turns(read: Callable[[], str]) -> Iterator[str]:
 __all__ = [
     "Adapted",
     "load_adapted",
+    "load_stacked",
     "fitted",
     "uses_chat_template",
     "prompt_ids",
