@@ -15,6 +15,7 @@ from torch import nn
 import lorakit
 from lorakit.deploy import peft as peft_module
 from lorakit.deploy.peft import export_peft, import_peft
+from lorakit.deploy.vllm import report_lines
 from lorakit.lora.adapter import read_adapter, save_adapter
 from lorakit.models import PACKAGED, PACKAGED_HUB_ID, load_base
 
@@ -97,6 +98,8 @@ def test_export_of_packaged_default_names_its_hub_id(bases, tmp_path, monkeypatc
     assert f'from_pretrained("{PACKAGED_HUB_ID}")' in card
     assert str(lorakit.models.packaged_folder()) in card and "Q4_1" in card
 
+    lines = report_lines(out)  # the vLLM check: the hub id to serve, and the exact local base
+    assert lines[1].split()[2] == PACKAGED_HUB_ID and str(lorakit.models.packaged_folder()) in " ".join(lines)
     loaded = peft.PeftModel.from_pretrained(load_base(str(bases["llama"])), out).eval()  # the local base folder
     assert (logits(loaded) - logits(model)).abs().max().item() <= TOL
 

@@ -131,7 +131,8 @@ def _packaged_note(name: str) -> str:
         f"\n\nThe adapter was trained on lorakit's packaged default (`{PACKAGED}`): the Q4_1 GGUF of "
         f"SmolLM2-135M-Instruct dequantized to float32, here in `{packaged_folder()}`. `{PACKAGED_HUB_ID}` "
         "(what `adapter_config.json` names, so that PEFT and transformers can load the folder) holds the same "
-        "model at full precision, so its outputs differ slightly from lorakit's; for lorakit's exact base pass that "
+        "model at full precision, so its outputs differ from lorakit's by the 4-bit rounding; for lorakit's exact "
+        "base pass that "
         f'folder: `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{packaged_folder()}"), '
         f'"{name}")`.'
     )

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..models import PACKAGED, PACKAGED_HUB_ID, packaged_folder
+
 SOURCE = (
     "vLLM main (github.com/vllm-project/vllm, files as of 2026-12: vllm/config/lora.py, vllm/lora/peft_helper.py, "
     "vllm/lora/lora_model.py, vllm/lora/utils.py, vllm/model_executor/models/{llama,qwen2,qwen3,gpt2}.py)"
@@ -42,9 +44,9 @@ MODULES: dict[str, tuple[str, ...]] = {
 # Classes whose vLLM implementation takes no LoRA at all, and what happens.
 NO_LORA = {
     "GPT2LMHeadModel": (
-        "vLLM's GPT-2 (GPT2LMHeadModel) does not support LoRA: `vllm serve` with --enable-lora stops at startup "
-        "('GPT2LMHeadModel does not support LoRA yet'), so no GPT-2 adapter (c_attn q/v slices included) can be "
-        "served by vLLM; merge it (`lorakit merge`) and serve the merged folder without --enable-lora"
+        "vLLM's GPT-2 (GPT2LMHeadModel) takes no LoRA: `vllm serve` with --enable-lora stops at startup "
+        "('GPT2LMHeadModel does not support LoRA yet'), so no GPT-2 adapter (c_attn q/v slices or any other) "
+        "can be served; merge it (`lorakit merge`) and serve the merged folder without --enable-lora"
     ),
 }
 
@@ -113,12 +115,12 @@ def _modules(folder: Path) -> set[str]:
     return {n.removeprefix(prefix).rsplit(".lora_", 1)[0] for n in names if ".lora_" in n}
 
 
-def recorded_class(folder: Path) -> str:
-    """The base class lorakit's export records in the weights file's metadata ("" for other folders)."""
+def _recorded(folder: Path, key: str) -> str:
+    """A `lorakit_*` key lorakit's export records in the weights file's metadata ("" for other folders)."""
     from safetensors import safe_open
 
     with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as f:
-        return (f.metadata() or {}).get("lorakit_base_class", "")
+        return (f.metadata() or {}).get(key, "")
 
 
 def serve_command(base: str, name: str, folder: str | Path, max_lora_rank: int) -> str:
@@ -135,9 +137,9 @@ def report_lines(folder: str | Path, base_class: str | None = None) -> list[str]
     `base_class` defaults to the class lorakit's export recorded in the folder."""
     folder = Path(folder)
     config: dict[str, Any] = json.loads((folder / "adapter_config.json").read_text())
-    check = check_folder(folder, recorded_class(folder) if base_class is None else base_class)
+    check = check_folder(folder, _recorded(folder, "lorakit_base_class") if base_class is None else base_class)
     if check.problems:
-        lines = ["vLLM: will not load this adapter:"] + [f"  - {p}" for p in check.problems]
+        lines = ["vLLM: will not load this adapter:"] + [_wrapped("  - ", p) for p in check.problems]
     else:
         verdict = "fits its LoRA loader" if check.known else "module names not checked"
         rank = check.max_lora_rank or DEFAULT_MAX_LORA_RANK
@@ -145,7 +147,19 @@ def report_lines(folder: str | Path, base_class: str | None = None) -> list[str]
             f"vLLM: {verdict} (rank {check.max_rank}: pass --max-lora-rank {rank}); serve it with",
             "  " + serve_command(config.get("base_model_name_or_path") or "BASE", folder.name, folder, rank),
         ]
-    return lines + [f"  note: {n}" for n in check.notes]
+    if not check.problems and _recorded(folder, "lorakit_base_model") == PACKAGED:
+        check.notes.append(
+            f"{PACKAGED_HUB_ID} is the full-precision model; lorakit trained on its Q4_1 GGUF dequantized, the "
+            f"folder {packaged_folder()}: serve that folder for lorakit's exact base"
+        )
+    return lines + [_wrapped("  note: ", n) for n in check.notes]
+
+
+def _wrapped(first: str, text: str, width: int = 100) -> str:
+    """`text` after `first`, wrapped at `width` columns with the continuation lines indented."""
+    import textwrap
+
+    return textwrap.fill(text, width, initial_indent=first, subsequent_indent=" " * 4, break_on_hyphens=False)
 
 
 __all__ = ["SOURCE", "MAX_LORA_RANKS", "MODULES", "NO_LORA", "VllmCheck", "check_folder", "report_lines"]
