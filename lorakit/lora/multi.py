@@ -45,7 +45,7 @@ def stack_adapters(model: nn.Module, adapters: list[Adapter], verify_base: bool 
             linear_at(model, info.path, (info.in_features, info.out_features), str(adapter.path))
             first.setdefault(info.path, info)
     model.requires_grad_(False)
-    for path, info in first.items():  # the layer's own A/B stay unused: the bank replaces them
+    for path, info in first.items():  # the layer's own A/B (B = 0: a no-op) stay unused; the bank replaces them
         slices = None if info.slices is None else tuple(info.slices)
         wrap_targets(model, [Target(path, slices)], info.rank, info.alpha, info.dropout)
     try:
