@@ -264,3 +264,29 @@ def test_cli_export_gguf_and_one_line_errors(bases, tmp_path):
     assert bad.exit_code == 2 and bad.output.count("\n") == 1 and "file exists" in bad.output
     peft = runner.invoke(app, ["export", str(tmp_path / "a.safetensors"), "--out", str(tmp_path / "p"), "--ollama"])
     assert peft.exit_code == 2 and "--format gguf only" in peft.output and not (tmp_path / "p").exists()
+
+
+def _tiny(kind: str) -> torch.nn.Module:
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    cfg |= dict(num_key_value_heads=2, max_position_embeddings=64)
+    config = getattr(transformers, f"{kind}Config")(**cfg)
+    return getattr(transformers, f"{kind}ForCausalLM")(config).eval()
+
+
+@pytest.mark.parametrize("kind, arch, permuted", [("Mistral", "llama", True), ("Qwen2", "qwen2", False)])
+def test_mistral_is_written_as_llama_and_qwen2_unpermuted(tmp_path, kind, arch, permuted):
+    folder = save_model(_tiny(kind), tmp_path / kind)
+    adapter(folder, "q,k", tmp_path / "a.safetensors")
+    fields, tensors, _ = read_gguf(export_gguf(tmp_path / "a.safetensors", tmp_path / "a.gguf"))
+    source = read_adapter(tmp_path / "a.safetensors").tensors
+    assert fields["general.architecture"] == arch
+    assert sorted(tensors) == [f"blk.0.attn_{x}.weight.lora_{y}" for x in "kq" for y in "ab"]
+    b_q, b_k = tensors["blk.0.attn_q.weight.lora_b"], tensors["blk.0.attn_k.weight.lora_b"]
+    hf_q, hf_k = (source[f"model.layers.0.self_attn.{x}_proj.lora_B"].numpy() for x in "qk")
+    if permuted:
+        assert np.array_equal(hf_unpermute(b_q, 4), hf_q) and np.array_equal(hf_unpermute(b_k, 2), hf_k)
+    else:
+        assert np.array_equal(b_q, hf_q) and np.array_equal(b_k, hf_k)
