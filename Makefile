@@ -54,9 +54,10 @@ test-oldest: $(VENV_OLDEST)/.installed
 	$(PY_OLDEST) -m pytest -q -m "not slow and not multiprocess"
 	LORAKIT_CACHE=$(abspath $(VENV_OLDEST))/cache $(PY_OLDEST) -m pytest -q tests/test_train.py::test_packaged_smollm2_trains_a_few_steps
 
-# llama.cpp's Python binding, compiled from source by pip (it has no wheel on PyPI; CMake and a C++ compiler,
-# about 25 min on 2 cores), then the tests that run exported GGUF adapters in it on the packaged SmolLM2 (without the
-# binding `make test` skips them).
+# llama.cpp's Python binding, compiled from source by pip (PyPI has no wheel of it; needs CMake and a C++ compiler:
+# 13 min wall clock on one busy core here, llama-cpp-python 0.3.36), then the tests that run exported GGUF adapters
+# in it on the packaged SmolLM2 (~2.5 min). `make test` deselects them (pyproject addopts) and they skip without the
+# binding.
 test-llamacpp: setup
 	$(PIP) install --quiet -e ".[llamacpp]"
 	$(PY) -m pytest -q -s -m llamacpp tests/test_llamacpp.py
