@@ -256,10 +256,14 @@ def gguf_pairs(source: Adapter, config: Any, arch: GgufArch) -> list[GgufPair]:
                 "linear layers only"
             )
         a, b, rank, alpha = _pair(info, source.tensors)
-        if arch.permute_qk and re.fullmatch(r"blk\.\d+\.attn_q", tensor):
-            b = permute_rows(b, n_head)
-        elif arch.permute_qk and re.fullmatch(r"blk\.\d+\.attn_k", tensor):
-            b = permute_rows(b, n_kv)
+        heads = {"attn_q": n_head, "attn_k": n_kv}.get(tensor.rpartition(".")[2]) if arch.permute_qk else None
+        if heads is not None:
+            if b.shape[0] % (2 * heads):
+                raise LorakitError(
+                    f"{source.path}: module {info.path} has {b.shape[0]} outputs, not a multiple of 2 x {heads} "
+                    "heads of the base's config; is the base (--model) the one the adapter was trained on?"
+                )
+            b = permute_rows(b, heads)
         pairs.append(GgufPair(f"{tensor}.weight", a, b, alpha / rank, info.path))
     return pairs
 
