@@ -250,10 +250,9 @@ def gguf_pairs(source: Adapter, config: Any, arch: GgufArch) -> list[GgufPair]:
     for info in source.modules:
         tensor = names.get_name(info.path)
         if tensor is None or not tensor.startswith("blk."):
-            what = _what_module(tensor)
             raise LorakitError(
-                f"{source.path}: module {info.path} {what}; llama.cpp adapters apply to the transformer blocks' "
-                "linear layers only"
+                f"{source.path}: module {info.path} {_what_module(tensor)}; --format gguf exports adapters on the "
+                "transformer blocks' linear layers only"
             )
         a, b, rank, alpha = _pair(info, source.tensors)
         heads = {"attn_q": n_head, "attn_k": n_kv}.get(tensor.rpartition(".")[2]) if arch.permute_qk else None
@@ -269,11 +268,11 @@ def gguf_pairs(source: Adapter, config: Any, arch: GgufArch) -> list[GgufPair]:
 
 
 def _what_module(tensor: str | None) -> str:
-    if tensor == "output":
-        return "is the LM head (a llama.cpp adapter on output.weight needs an untied head and is not exported)"
+    if tensor == "output":  # a tied head (SmolLM2's) has no output.weight in GGUF at all
+        return "is the LM head"
     if tensor == "token_embd":
         return "is the token embedding"
-    return "has no tensor in llama.cpp's model"
+    return "has no tensor in llama.cpp's model of this architecture"
 
 
 def _pair(info: ModuleInfo, tensors: dict[str, Tensor]) -> tuple[Tensor, Tensor, int, float]:
