@@ -667,7 +667,7 @@ def export(
         Literal["peft", "gguf"], typer.Option("--format", help="Target format: peft, or gguf (llama.cpp / Ollama).")
     ] = "peft",
     overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace an existing --out folder lorakit made.")
+        bool, typer.Option("--overwrite", help="Replace an existing --out lorakit made (gguf: a GGUF adapter file).")
     ] = False,
     outtype: Annotated[
         Literal["f32", "f16", "bf16"], typer.Option("--outtype", help="gguf: dtype of the LoRA tensors.")
