@@ -56,7 +56,7 @@ test-oldest: $(VENV_OLDEST)/.installed
 
 # llama.cpp's Python binding, compiled from source by pip (PyPI has no wheel of it; needs CMake and a C++ compiler:
 # 13 min wall clock on one busy core here, llama-cpp-python 0.3.36), then the tests that run exported GGUF adapters
-# in it on the packaged SmolLM2 (~2.5 min). `make test` deselects them (pyproject addopts) and they skip without the
+# in it on the packaged SmolLM2 (~1.5 min). `make test` deselects them (pyproject addopts) and they skip without the
 # binding.
 test-llamacpp: setup
 	$(PIP) install --quiet -e ".[llamacpp]"
