@@ -11,7 +11,7 @@ VENV_OLDEST := .venv-oldest
 PY_OLDEST   := $(VENV_OLDEST)/bin/python
 OLDEST      := tests/constraints-oldest.txt
 
-.PHONY: setup test test-oldest demo lint clean
+.PHONY: setup test test-oldest test-llamacpp demo lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,14 @@ test-oldest: $(VENV_OLDEST)/.installed
 	$(PY_OLDEST) -m pip list 2>/dev/null | grep -E -i '^(torch|transformers|datasets|safetensors|accelerate|gguf|typer|peft|bitsandbytes|numpy) '
 	$(PY_OLDEST) -m pytest -q -m "not slow and not multiprocess"
 	LORAKIT_CACHE=$(abspath $(VENV_OLDEST))/cache $(PY_OLDEST) -m pytest -q tests/test_train.py::test_packaged_smollm2_trains_a_few_steps
+
+# llama.cpp's Python binding, compiled from source by pip (PyPI has no wheel of it; needs CMake and a C++ compiler:
+# 13 min wall clock on one busy core here, llama-cpp-python 0.3.36), then the tests that run exported GGUF adapters
+# in it on the packaged SmolLM2 (~1.5 min). `make test` runs them too where the binding is installed; without it
+# they skip.
+test-llamacpp: setup
+	$(PIP) install --quiet -e ".[llamacpp]"
+	$(PY) -m pytest -q -s -m llamacpp tests/test_llamacpp.py
 
 # The main job: fine-tune the packaged SmolLM2-135M on the built-in demo task, then a before/after evaluation.
 demo: setup

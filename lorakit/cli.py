@@ -662,13 +662,35 @@ def merge(
 @_friendly
 def export(
     adapter: Annotated[Path, typer.Argument(help="The adapter .safetensors file.")],
-    out: Annotated[Path, typer.Option("--out", help="The PEFT adapter folder to write.")],
-    format: Annotated[Literal["peft"], typer.Option("--format", help="Target format.")] = "peft",
+    out: Annotated[Path, typer.Option("--out", help="The PEFT adapter folder (gguf: the .gguf file) to write.")],
+    format: Annotated[
+        Literal["peft", "gguf"], typer.Option("--format", help="Target format: peft, or gguf (llama.cpp / Ollama).")
+    ] = "peft",
     overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace an existing --out folder lorakit made.")
+        bool, typer.Option("--overwrite", help="Replace an existing --out lorakit made (gguf: a GGUF adapter file).")
+    ] = False,
+    outtype: Annotated[
+        Literal["f32", "f16", "bf16"], typer.Option("--outtype", help="gguf: dtype of the LoRA tensors.")
+    ] = "f32",
+    model: Annotated[
+        str | None, typer.Option("--model", help="gguf: base hub id or folder (default: the one the adapter records).")
+    ] = None,
+    ollama: Annotated[
+        bool, typer.Option("--ollama", help="gguf: also write an Ollama Modelfile beside the adapter.")
     ] = False,
 ) -> None:
-    """Write the adapter in Hugging Face PEFT's format (adapter_config.json + adapter_model.safetensors)."""
+    """Write the adapter in Hugging Face PEFT's format, or as a llama.cpp LoRA adapter (GGUF)."""
+    if format == "gguf":
+        from .deploy.gguf import MODELFILE, export_gguf
+
+        _quiet_transformers()
+        path = export_gguf(adapter, out, outtype=outtype, model=model, overwrite=overwrite, ollama=ollama)
+        _console().print(f"wrote {path} (llama.cpp LoRA adapter, {outtype})")
+        if ollama:
+            _console().print(f"wrote {path.parent / MODELFILE} (ollama create NAME -f {path.parent / MODELFILE})")
+        return
+    if ollama or outtype != "f32":
+        raise LorakitError("--ollama and --outtype apply to --format gguf only")
     from .deploy.peft import export_peft
     from .deploy.vllm import report_lines
 

@@ -223,6 +223,9 @@ def _metadata_panel(report: dict[str, Any]) -> Panel:
         ("base dtype", report["base_dtype"] or "-"),
         ("lorakit / format", f"{report['lorakit_version'] or '?'} / {report['format_version']}"),
     ]
+    if report.get("format") == "gguf":  # a llama.cpp adapter: no base class or dtype, a GGUF version
+        rows[-4:] = [("base fingerprint", rows[-3][1]), ("GGUF architecture", report["architecture"] or "-")]
+        rows.append(("lorakit / GGUF version", f"{report['lorakit_version'] or '-'} / {report['format_version']}"))
     for key, value in rows:
         grid.add_row(key, escape(str(value)))
     return Panel(grid, title="adapter", expand=False)

@@ -137,6 +137,10 @@ def inspect_adapter(
         svd: add each update's singular values and effective rank.
         compare: another adapter; add phi, the subspace similarity of the A matrices, per common module.
     """
+    if _is_gguf(path):
+        if compare is not None:
+            raise LorakitError(f"{path}: --compare reads lorakit .safetensors adapters only, not GGUF")
+        return inspect_gguf(path, svd)
     adapter = read_adapter(path)
     meta = adapter.metadata
     file_bytes = os.path.getsize(adapter.path)
@@ -164,8 +168,125 @@ def inspect_adapter(
     return report
 
 
+def _is_gguf(path: str | os.PathLike) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:  # read_adapter names what is wrong
+        return False
+
+
+def inspect_gguf(path: str | os.PathLike, svd: bool = False) -> dict[str, Any]:
+    """inspect_adapter's report for a llama.cpp LoRA adapter GGUF file (`lorakit export --format gguf`, or
+    llama.cpp's own convert_lora_to_gguf.py): one entry per `.lora_a` / `.lora_b` pair, named after the base
+    tensor it adapts; alpha is the file's `adapter.lora.alpha` (0: llama.cpp scales by 1, not alpha/r)."""
+    pairs, fields = _gguf_pairs(path)
+    alpha = float(fields.get("adapter.lora.alpha", 0.0))
+    modules = []
+    for name, (a, b) in pairs.items():
+        rank = a.shape[0]
+        scaling = alpha / rank if alpha else 1.0
+        s = update_singular_values(a, b, scaling)
+        report = {
+            "name": name,
+            "path": name,
+            "slice": None,
+            "in_features": a.shape[1],
+            "out_features": b.shape[0],
+            "rank": rank,
+            "alpha": alpha,
+            "scaling": scaling,
+            "params": a.numel() + b.numel(),
+            "bytes": sum(_gguf_nbytes(t) for t in (a, b)),
+            "update_norm": float(torch.linalg.vector_norm(s)),
+        }
+        if svd:
+            report["singular_values"] = [float(x) for x in s]
+            report["effective_rank"] = effective_rank(s)
+        modules.append(report)
+    ranks = [m["rank"] for m in modules]
+    file_bytes = os.path.getsize(path)
+    tensor_bytes = sum(m["bytes"] for m in modules)
+    return {
+        "file": str(path),
+        "format": "gguf",
+        "architecture": fields.get("general.architecture", ""),
+        "file_bytes": file_bytes,
+        "trainable_params": sum(m["params"] for m in modules),
+        "tensor_bytes": tensor_bytes,
+        "header_bytes": file_bytes - tensor_bytes,  # header, metadata, tensor infos and alignment padding
+        "rank": max(set(ranks), key=ranks.count),
+        "alpha": alpha,
+        "dropout": float(fields.get("lorakit.dropout", 0.0)),
+        "targets": fields.get("lorakit.targets", ""),
+        "base_model": fields.get("lorakit.base_model", ""),
+        "base_class": "",
+        "base_fingerprint": fields.get("lorakit.base_fingerprint", ""),
+        "base_dtype": "",
+        "lorakit_version": fields.get("lorakit.version", ""),
+        "format_version": int(fields.get("GGUF.version", 0)),
+        "modules": modules,
+    }
+
+
+def _gguf_nbytes(t: torch.Tensor) -> int:
+    return int(getattr(t, "gguf_nbytes", t.numel() * t.element_size()))
+
+
+def _gguf_pairs(path: str | os.PathLike) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, Any]]:
+    """{base tensor: (A (r, in), B (out, r)) as float32} and the file's scalar keys, checked to be a LoRA adapter."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
+    from gguf.quants import dequantize
+
+    try:
+        reader = GGUFReader(path)
+    except Exception as e:  # a truncated or corrupt file: gguf raises ValueError, struct.error, ...
+        raise LorakitError(f"{path}: not a readable GGUF file ({_first_line(e)})") from None
+    fields: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        if not field.types or field.types[0] == GGUFValueType.ARRAY:
+            continue
+        value = field.parts[field.data[0]]
+        string = field.types[0] == GGUFValueType.STRING
+        fields[key] = bytes(value).decode("utf-8", "replace") if string else value.tolist()[0]
+    if fields.get("general.type") != "adapter" or fields.get("adapter.type") != "lora":
+        kind = fields.get("general.type")
+        raise LorakitError(f"{path}: a GGUF file that is not a LoRA adapter (general.type {kind!r})")
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    for t in reader.tensors:
+        base, dot, kind = t.name.rpartition(".")
+        if kind not in ("lora_a", "lora_b"):
+            continue  # llama.cpp skips norm vectors as well
+        shape = tuple(int(n) for n in reversed(t.shape))  # ggml ne -> numpy order
+        if t.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+            array = np.asarray(t.data, dtype=np.float32).reshape(shape)
+        else:
+            array = dequantize(t.data, t.tensor_type).reshape(shape)
+        tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+        tensor.gguf_nbytes = int(t.n_bytes)
+        found.setdefault(base, {})[kind] = tensor
+    pairs = {}
+    for base, kinds in found.items():
+        if set(kinds) != {"lora_a", "lora_b"}:
+            raise LorakitError(f"{path}: {base} has only {', '.join(kinds)}; expected lora_a and lora_b")
+        a, b = kinds["lora_a"], kinds["lora_b"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise LorakitError(f"{path}: {base} has lora_a {tuple(a.shape)} and lora_b {tuple(b.shape)}")
+        pairs[base] = (a, b)
+    if not pairs:
+        raise LorakitError(f"{path}: holds no LoRA tensors")
+    return pairs, fields
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 __all__ = [
     "inspect_adapter",
+    "inspect_gguf",
     "update_singular_values",
     "effective_rank",
     "subspace_similarity",
