@@ -149,8 +149,8 @@ def merge_lines(result: MergeResult) -> list[str]:
     ]
     if result.quantized_diff is not None:
         lines.append(
-            f"8-bit base + adapter vs. merged (full precision): max |Δlogits| = {result.quantized_diff:.3g} "
-            "(what the 8-bit base costs)"
+            f"{result.quantized_bits} base + adapter vs. merged (full precision): max |Δlogits| = "
+            f"{result.quantized_diff:.3g} (what the {result.quantized_bits} base costs)"
         )
     note = "" if result.tokenizer else " (the base has no tokenizer files; none copied)"
     lines.append(f"wrote {escape(str(result.out))}{note}")

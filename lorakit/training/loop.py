@@ -259,6 +259,7 @@ def setup(cfg: TrainConfig, world: World, out: Path, console: Any) -> Run:
         f"{cfg.batch_size} x {world.size} process(es) x {cfg.grad_accum} accumulation = "
         f"{cfg.batch_size * world.size * cfg.grad_accum} on {device.type}"
         + (" (8-bit base)" if cfg.load_in_8bit else "")
+        + (f" (4-bit {cfg.bnb_4bit_quant_type} base)" if cfg.load_in_4bit else "")
     )
     return Run(
         cfg, world, device, out, console, encoded, eval_encoded, pad_id, model, step_module, params, optimizer,
@@ -355,7 +356,7 @@ def pad_id_of(tokenizer: Any) -> int:
 
 
 def build_model(cfg: TrainConfig, rows: Rows, pad_id: int, device: torch.device, console: Any) -> nn.Module:
-    """The frozen base in the compute precision (or 8 bits) with LoRA layers, in training mode on `device`."""
+    """The frozen base in the compute precision (or 8 or 4 bits) with LoRA layers, in training mode on `device`."""
     torch.manual_seed(cfg.seed)  # a new head's and A's initialization (the same on every rank)
     model = load_base(
         cfg.model,
@@ -367,6 +368,7 @@ def build_model(cfg: TrainConfig, rows: Rows, pad_id: int, device: torch.device,
         device=device,
         pad_token_id=pad_id if cfg.task == "classification" else None,
         allow_pickle=cfg.allow_pickle,
+        load_in_4bit=cfg.bnb_4bit_quant_type if cfg.load_in_4bit else None,
     )
     add_lora(model, cfg.targets, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, layers=cfg.layers)
     for name, limit in oversized_ranks(model)[:1]:
@@ -383,7 +385,7 @@ def build_model(cfg: TrainConfig, rows: Rows, pad_id: int, device: torch.device,
             if name in new:
                 param.requires_grad_(True)
     fp32_master_weights([p for p in model.parameters() if p.requires_grad])
-    if not cfg.load_in_8bit:  # an 8-bit model is placed on its device when it loads and cannot move
+    if not (cfg.load_in_8bit or cfg.load_in_4bit):  # placed on its device as it loads; cannot move
         model.to(device)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
