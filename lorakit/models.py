@@ -311,6 +311,34 @@ def load_base(
     return model
 
 
+def meta_base(
+    source: str | None,
+    dtype: str = "fp32",
+    task: str | None = None,
+    trust_remote_code: bool = False,
+    num_labels: int | None = None,
+    pad_token_id: int | None = None,
+) -> nn.Module:
+    """The model `load_base` returns for the same arguments, built from its config on the meta device: the same
+    modules, shapes and dtypes, no weights read and no memory (`--fsdp` ranks other than 0 fill in their shards)."""
+    name = source or PACKAGED
+    config = load_config(source, trust_remote_code)
+    check_task(config, task, name)
+    if num_labels is not None:
+        config.num_labels = num_labels
+    if pad_token_id is not None and getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = pad_token_id
+    torch_dtype = parse_dtype(dtype)
+    cls = _model_class(config, task)
+    with torch.device("meta"):
+        build = cls.from_config if hasattr(cls, "from_config") else cls._from_config  # Auto* or a model class
+        model = build(config, dtype=torch_dtype if isinstance(torch_dtype, torch.dtype) else None)
+    model.eval()
+    model.lorakit_new_params = []
+    model.config._name_or_path = base_name(None if name == PACKAGED else name)
+    return model
+
+
 def eight_bit_options(device: torch.device) -> dict[str, Any]:
     """from_pretrained arguments for an 8-bit frozen base (bitsandbytes runs int8 layers on CPU and CUDA)."""
     if importlib.util.find_spec("bitsandbytes") is None:

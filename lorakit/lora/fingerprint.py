@@ -110,6 +110,12 @@ def base_fingerprint(base: nn.Module, refuse_new: bool = False) -> tuple[str, li
     return _REMEMBERED[base]
 
 
+def remember(base: nn.Module, fingerprint: tuple[str, list[float]]) -> None:
+    """Take a base layer's fingerprint as computed elsewhere (by the process that holds the whole weight, when
+    this one holds a shard of it)."""
+    _REMEMBERED[base] = (fingerprint[0], list(fingerprint[1]))
+
+
 def forget(base: nn.Module) -> None:
     """Drop a base layer's remembered fingerprint (its weight now holds a merged update for good)."""
     _REMEMBERED.pop(base, None)

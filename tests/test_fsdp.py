@@ -1,0 +1,151 @@
+"""--fsdp on CPU (gloo, 2 processes through torchrun): the frozen base sharded per transformer block, each rank
+holding about half of it; the same adapter as one process with the same effective batch (gradient checkpointing
+and accumulation on); an exact resume after the whole run is killed; another process count refused by name."""
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_distributed import OPTIONS, ROWS, env, kill_run, latest_step, lorakit_process, metrics, rows, run_lorakit
+from tiny import save_model, tiny_llama
+from typer.testing import CliRunner
+
+from lorakit.cli import app
+from lorakit.training.config import build_config
+from lorakit.training.loop import train
+
+runner = CliRunner()
+needs_torchrun = pytest.mark.skipif(
+    not torch.distributed.is_available() or not sys.platform.startswith("linux"),
+    reason="needs torch.distributed (gloo) and Linux (/proc, process groups)",
+)
+FSDP = dict(OPTIONS, max_steps=8, eval_every=4, gradient_checkpointing=True)  # 2 epochs, each with a short batch
+STEPS, FIRST_CHECKPOINT = FSDP["max_steps"], FSDP["save_every"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("fsdp")
+    files = {"train": root / "train.jsonl", "eval": root / "eval.jsonl"}
+    for (name, path), n in zip(files.items(), (ROWS, 7)):
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows(n, seed=len(name))))
+    return {"model": save_model(tiny_llama(), root / "llama"), "root": root, **files}
+
+
+def cli_args(setup: dict[str, Path], out: Path) -> list[str]:
+    args = ["train", "--model", str(setup["model"]), "--data", str(setup["train"])]
+    args += ["--eval-data", str(setup["eval"]), "--out", str(out), "--fsdp"]
+    for key, value in FSDP.items():
+        args += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
+    return args
+
+
+@pytest.fixture(scope="module")
+def sharded(setup) -> Path:
+    """An uninterrupted 2-process --fsdp run."""
+    out = setup["root"] / "two"
+    run_lorakit([*cli_args(setup, out), "--nproc", "2"], setup["root"], setup["root"] / "two.log")
+    return out
+
+
+@pytest.mark.multiprocess
+@needs_torchrun
+def test_fsdp_two_processes_train_the_adapter_of_one_process_with_the_same_effective_batch(setup, sharded, tmp_path):
+    options = {k: v for k, v in FSDP.items() if k != "save_every"}
+    base = dict(model=str(setup["model"]), data=str(setup["train"]), eval_data=str(setup["eval"]))
+    one = train(build_config({**base, "out": str(tmp_path / "one")}, {**options, "batch_size": 4}, source="test"))
+    a, b = load_file(str(one.adapter)), load_file(str(sharded / "adapter.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-5)
+    single, double = metrics(tmp_path / "one"), metrics(sharded)
+    assert [r["step"] for r in double] == [r["step"] for r in single]
+    for r1, r2 in zip(single, double):
+        for key in r1.keys() & {"loss", "eval_loss", "lr"}:
+            assert r2[key] == pytest.approx(r1[key], rel=1e-5), (r1["step"], key)
+    config = (sharded / "config.yaml").read_text()
+    assert "fsdp: true" in config and "nproc: 2" in config
+
+
+@pytest.mark.multiprocess
+@needs_torchrun
+def test_each_rank_holds_about_half_of_the_base(setup):
+    """Measured on the local shards of every parameter, as each rank builds the model of a --fsdp run."""
+    script = Path(__file__).with_name("fsdp_shards.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    done = subprocess.run(
+        [*command, str(setup["model"]), str(setup["train"]), "fsdp"],
+        env={**env(setup["root"]), "PYTHONPATH": str(Path(__file__).parents[1])},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    [line] = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    ranks = json.loads(line.removeprefix("RESULT "))
+    assert len(ranks) == 2
+    whole = ranks[0]["whole_bytes"]
+    assert sum(r["local_bytes"] for r in ranks) == whole  # every byte on exactly one rank
+    for r in ranks:
+        assert r["local_bytes"] == pytest.approx(whole / 2, rel=0.05)
+
+
+@pytest.mark.multiprocess
+@needs_torchrun
+def test_a_killed_fsdp_run_resumes_bit_identical(setup, sharded):
+    cut, root = setup["root"] / "cut", setup["root"]
+    proc = lorakit_process([*cli_args(setup, cut), "--nproc", "2"], root, root / "cut.log", start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while latest_step(cut) < FIRST_CHECKPOINT and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        kill_run(proc)
+    killed_at = latest_step(cut)
+    assert FIRST_CHECKPOINT <= killed_at < STEPS, (root / "cut.log").read_text()[-3000:]
+    run_lorakit(["train", "--resume", "--out", str(cut)], root, root / "resume.log")  # nproc 2 from config.yaml
+    full, resumed = load_file(str(sharded / "adapter.safetensors")), load_file(str(cut / "adapter.safetensors"))
+    assert full.keys() == resumed.keys()
+    for name in full:
+        assert torch.equal(resumed[name], full[name]), name
+    assert metrics(cut) == metrics(sharded)
+
+
+@pytest.mark.multiprocess
+@needs_torchrun
+def test_resuming_an_fsdp_run_with_another_number_of_processes_is_refused(setup, sharded, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(sharded, out)
+    result = runner.invoke(app, ["train", "--resume", "--out", str(out), "--nproc", "1"])
+    checkpoint = out / "checkpoints" / f"step-{STEPS:06d}"
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [
+        f"error: {checkpoint}: saved by a run on 2 process(es), this run has 1; resume with --nproc 2"
+    ]
+
+
+def test_fsdp_in_one_process_is_refused(setup, tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--model", str(setup["model"]), "--data", str(setup["train"]), "--out", str(out), "--fsdp"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    [line] = result.stderr.splitlines()
+    assert line.startswith("error: --fsdp shards the base over several processes: run it with --nproc N")
+
+
+@pytest.mark.parametrize("bits", ["--load-in-4bit", "--load-in-8bit"])
+def test_fsdp_with_a_bitsandbytes_base_is_refused_before_anything_loads(setup, tmp_path, bits):
+    out = tmp_path / "run"
+    args = ["train", "--model", str(setup["model"]), "--data", str(setup["train"]), "--out", str(out)]
+    result = runner.invoke(app, [*args, "--fsdp", "--nproc", "2", bits])
+    assert result.exit_code == 2
+    [line] = result.stderr.splitlines()
+    name = bits.removeprefix("--").replace("-", "_")
+    assert line.startswith("error: ") and f"fsdp and {name}: FSDP cannot shard a bitsandbytes base" in line
+    assert not out.exists()
