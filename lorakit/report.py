@@ -75,6 +75,10 @@ def dry_run_table(cfg: TrainConfig, est: MemoryEstimate, cuda: bool, data: DataS
     table.add_row("frozen parameters", f"{est.frozen_params:,}")
     table.add_row("adapter file", f"{est.adapter_file_bytes:,} bytes ({est.adapter_tensor_bytes:,} of tensors)")
     weights = " (8-bit linear layers)" if cfg.load_in_8bit else f" ({cfg.precision})"
+    if cfg.load_in_4bit:
+        weights = f" (4-bit {cfg.bnb_4bit_quant_type} linear layers, double quantization)"
+    if cfg.fsdp:
+        weights += f"; per process, sharded over {cfg.nproc or 1} (--fsdp)"
     table.add_row("weights", _mib(est.weights_bytes) + weights)
     table.add_row("LoRA parameters, gradients, AdamW state", _mib(est.lora_state_bytes))
     if data is not None:
