@@ -162,6 +162,27 @@ def test_a_killed_4bit_run_resumes_bit_identical(root, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@needs_bnb
+def test_the_dry_run_counts_4bit_weights_as_bitsandbytes_stores_them(root):
+    """Packed values, absmax per block, the second level's scales and codes: byte for byte, per layer and in
+    the estimate's weights (which adds one dequantized weight in flight)."""
+    from lorakit.training.memory import estimate_memory, four_bit_bytes
+
+    model = load_base(str(root / "llama"), load_in_4bit="nf4")
+    stored, largest = 0, 0
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is None:
+            continue
+        parts = [module.weight.data, state.absmax, state.code, state.offset, state.state2.absmax, state.state2.code]
+        size = sum(t.numel() * t.element_size() for t in parts)
+        assert size == four_bit_bytes(state.shape.numel())
+        stored, largest = stored + size, max(largest, state.shape.numel())
+    others = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if p.dtype != torch.uint8)
+    est = estimate_memory(model.config, "q,v", 4, load_in_4bit="nf4")
+    assert est.weights_bytes == stored + others + 4 * largest
+
+
 def test_4bit_with_8bit_is_refused_before_anything_loads(root, tmp_path):
     out = tmp_path / "run"
     args = ["train", "--model", str(root / "llama"), "--data", str(root / "data.jsonl"), "--out", str(out)]

@@ -149,3 +149,22 @@ def test_fsdp_with_a_bitsandbytes_base_is_refused_before_anything_loads(setup, t
     name = bits.removeprefix("--").replace("-", "_")
     assert line.startswith("error: ") and f"fsdp and {name}: FSDP cannot shard a bitsandbytes base" in line
     assert not out.exists()
+
+
+def test_the_dry_run_gives_memory_per_process_under_fsdp(setup):
+    """1/N of the frozen weights, plus two gathered blocks and the embeddings and head (the root group), per
+    process; without launching processes."""
+    from lorakit.training.memory import estimate_memory
+
+    config = tiny_llama().config
+    whole = estimate_memory(config, "q,v", 4)
+    model = tiny_llama()
+    block = sum(p.numel() for p in model.model.layers[0].parameters()) * 4
+    rest = sum(p.numel() for n, p in model.named_parameters() if ".layers." not in n) * 4
+    for n in (2, 8):
+        sharded = estimate_memory(config, "q,v", 4, fsdp=n)
+        assert sharded.weights_bytes == -(-whole.weights_bytes // n) + 2 * block + rest
+        assert sharded.lora_state_bytes == whole.lora_state_bytes  # LoRA stays whole on every process
+    args = ["train", "--model", str(setup["model"]), "--data", str(setup["train"]), "--dry-run", "--fsdp"]
+    result = runner.invoke(app, [*args, "--nproc", "2"])  # a dry run launches no processes
+    assert result.exit_code == 0, result.output

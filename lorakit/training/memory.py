@@ -212,10 +212,10 @@ DOUBLE_QUANT_BLOCK = 256  # absmax values per second-level fp32 scale (double qu
 
 def four_bit_bytes(n: int) -> int:
     """Bytes of `n` weights in 4 bits with double quantization (what `--load-in-4bit` loads): two values per byte,
-    an 8-bit absmax per block of 64, an fp32 scale per 256 absmax values and the 256-entry fp32 code of the
-    second level."""
+    an 8-bit absmax per block of 64, an fp32 scale per 256 absmax values, the 256-entry fp32 code of that second
+    level, the 16-entry fp32 code of NF4 / FP4 and the absmax offset (fp32)."""
     blocks = -(-n // FOUR_BIT_BLOCK)
-    return -(-n // 2) + blocks + 4 * -(-blocks // DOUBLE_QUANT_BLOCK) + 4 * 256
+    return -(-n // 2) + blocks + 4 * -(-blocks // DOUBLE_QUANT_BLOCK) + 4 * (256 + 16 + 1)
 
 
 def sharded_bytes(model: nn.Module, weights: int, world: int, value_bytes: int) -> int:
