@@ -100,7 +100,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     from lorakit.models import PACKAGED
     from lorakit.training.config import build_config
     from lorakit.training.data import DataSpec, read_rows
-    from lorakit.training.distributed import gather_objects, init_world
+    from lorakit.training.distributed import init_world
     from lorakit.training.loop import train
     from lorakit.training.memory import dry_run_estimate
 
@@ -152,10 +152,8 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     result = train(cfg, console=console)
     if world.distributed:  # ranks other than 0 draw no progress bar: their peak is taken at the end
         marks.setdefault("peak", common.peak_memory_mb(device))
-        world = init_world()  # train() left the process group at its end: join a new one to compare the ranks
-        ranks = gather_objects(world, {k: marks[k] - baseline for k in ("peak", "static")})
-        marks["peak"] = baseline + max(r["peak"] for r in ranks)
-        marks["static"] = baseline + max(r["static"] for r in ranks)
+        rank_file = Path(f"{spec['out']}.rank{world.rank}.json")  # the parent compares the ranks (run_child)
+        rank_file.write_text(json.dumps({k: marks[k] - baseline for k in ("peak", "static")}))
         if not world.main:
             return {}
     elif console.loops != 1 or "static" not in marks:
@@ -186,7 +184,10 @@ def run_child(spec: dict[str, Any], environment: dict[str, str | None]) -> dict[
         return common.run_child(__file__, ["--child", json.dumps(spec)], environment)
     torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__]
     environment = {**environment, "OMP_NUM_THREADS": str(spec["threads"])}
-    return common.run_child(torchrun[0], [*torchrun[1:], "--child", json.dumps(spec)], environment)
+    result = common.run_child(torchrun[0], [*torchrun[1:], "--child", json.dumps(spec)], environment)
+    ranks = [json.loads(Path(f"{spec['out']}.rank{r}.json").read_text()) for r in range(2)]
+    peak, static = max(r["peak"] for r in ranks), max(r["static"] for r in ranks)
+    return {**result, "ranks": ranks, "measured_mb": peak, "static_mb": static, "steps_mb": peak - static}
 
 
 def measure(folder: Path, args: Any) -> list[dict[str, Any]]:

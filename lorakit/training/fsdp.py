@@ -78,14 +78,21 @@ def shard_model(model: nn.Module, world: World, device: torch.device) -> None:
     with torch.no_grad():
         for name, param in model.named_parameters():
             if isinstance(param, DTensor):
-                full = whole.pop(name).to(device) if world.main else torch.empty(param.shape, dtype=param.dtype)
-                piece = distribute_tensor(full.to(device), param.device_mesh, param.placements, src_data_rank=0)
+                if world.main:
+                    full = whole.pop(name).to(device)
+                else:  # filled by the scatter from rank 0 (its own part only); one parameter at a time
+                    full = torch.empty(param.shape, dtype=param.dtype, device=device)
+                piece = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=0)
                 param.to_local().copy_(piece.to_local())
                 del full, piece
-            else:
+            else:  # kept whole (what trains): sent to every rank
+                param.data = param.data.to(device)
                 dist.broadcast(param.data, src=0)
-        for buffer in model.buffers():
-            _broadcast(buffer)
+        for module in model.modules():
+            for key, buffer in module._buffers.items():
+                if buffer is not None:
+                    module._buffers[key] = buffer.to(device)
+                    _broadcast(module._buffers[key])
     whole.clear()
     model.lorakit_sharded = True  # (its forward runs whole: loss.py does not call its backbone and head apart)
 
