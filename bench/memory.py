@@ -208,13 +208,16 @@ def measure(folder: Path, args: Any) -> list[dict[str, Any]]:
                 threads=args.threads, variant=variant,
             )  # fmt: skip
             pair = {}
-            for malloc, environment in MALLOC.items():
+            for malloc, environment in [(m, MALLOC[m]) for m in args.malloc.split(",")]:
                 pair[malloc] = run_child(spec, environment)
                 print(
                     f"  {model}, {variant}, checkpointing {setting}, malloc {malloc}: estimate "
                     f"{pair[malloc]['estimate_mb']:.0f} MiB, measured {pair[malloc]['measured_mb']:.0f} MiB",
                     flush=True,
                 )
+            if "default" not in pair:  # --malloc returned
+                pair["default"] = {k: float("nan") for k in pair["returned"]}
+            pair.setdefault("returned", pair["default"])
             default = {f"{k}_default": v for k, v in pair["default"].items() if k.endswith(("_mb", "_per_s"))}
             results.append({**pair["returned"], **default})
     return results
@@ -255,6 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     common.lora_args(p, alpha=False, rank=8)
     p.add_argument("--checkpointing", default="off,on", help="gradient checkpointing settings to run: off, on")
     p.add_argument("--threads", type=int, default=1, help="torch threads in each child")
+    p.add_argument("--malloc", default="returned,default", help="glibc settings to run: returned, default")
     p.add_argument("--variants", default="base", help="comma-separated: base, 4bit, ddp2, fsdp2 (module docstring)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = common.parse(p, argv, quick=dict(models="tiny", batch=2, seq=64, checkpointing="off"))
