@@ -372,10 +372,11 @@ def four_bit_options(device: torch.device, quant_type: str, compute_dtype: torch
 
 
 def keep_4bit_layout(model: nn.Module) -> None:
-    """Keep every 4-bit weight in bitsandbytes' standard layout, and nothing of the checkpoint file mapped. On CPUs with AVX512-BF16, `Linear4bit` otherwise
-    rewrites its weight in place into a CPU inference layout at its first no-grad call in eval mode (an evaluation),
-    which changes the weight's bytes (its fingerprint), cannot be dequantized as a standard weight, and fails for
-    rows shorter than a block of 64."""
+    """Keep every 4-bit weight in bitsandbytes' standard layout, and nothing of the checkpoint file mapped.
+
+    On CPUs with AVX512-BF16, `Linear4bit` otherwise rewrites its weight in place into a CPU inference layout at its
+    first no-grad call in eval mode (an evaluation), which changes the weight's bytes (its fingerprint), cannot be
+    dequantized as a standard weight, and fails for rows shorter than a block of 64."""
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
