@@ -139,15 +139,22 @@ def test_fsdp_in_one_process_is_refused(setup, tmp_path):
     assert line.startswith("error: --fsdp shards the base over several processes: run it with --nproc N")
 
 
-@pytest.mark.parametrize("bits", ["--load-in-4bit", "--load-in-8bit"])
-def test_fsdp_with_a_bitsandbytes_base_is_refused_before_anything_loads(setup, tmp_path, bits):
+@pytest.mark.parametrize(
+    "flag, says",
+    [
+        ("--load-in-4bit", "fsdp and load_in_4bit: FSDP cannot shard a bitsandbytes base"),
+        ("--load-in-8bit", "fsdp and load_in_8bit: FSDP cannot shard a bitsandbytes base"),
+        ("--eval-generate", "fsdp and eval_generate: generation runs in one process"),
+    ],
+)
+def test_fsdp_with_what_it_cannot_do_is_refused_before_anything_loads(setup, tmp_path, flag, says):
     out = tmp_path / "run"
     args = ["train", "--model", str(setup["model"]), "--data", str(setup["train"]), "--out", str(out)]
-    result = runner.invoke(app, [*args, "--fsdp", "--nproc", "2", bits])
+    args += ["--eval-data", str(setup["eval"])]
+    result = runner.invoke(app, [*args, "--fsdp", "--nproc", "2", flag])
     assert result.exit_code == 2
     [line] = result.stderr.splitlines()
-    name = bits.removeprefix("--").replace("-", "_")
-    assert line.startswith("error: ") and f"fsdp and {name}: FSDP cannot shard a bitsandbytes base" in line
+    assert line.startswith("error: ") and says in line
     assert not out.exists()
 
 

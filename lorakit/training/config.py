@@ -297,8 +297,9 @@ def _check_values(cfg: TrainConfig) -> list[str]:
 
 
 def _quantization_and_sharding(cfg: TrainConfig) -> list[str]:
-    """A 4-bit and an 8-bit base at once, or a bitsandbytes base under FSDP (its packed weights and their
-    quantization state are not tensors FSDP2 can shard and gather: untested here, so refused)."""
+    """A 4-bit and an 8-bit base at once, a bitsandbytes base under FSDP (its packed weights and their
+    quantization state are not tensors FSDP2 can shard and gather: untested here, so refused), or generation during
+    training with a sharded base."""
     problems = []
     if cfg.load_in_4bit and cfg.load_in_8bit:
         problems.append("load_in_4bit and load_in_8bit: choose one")
@@ -308,6 +309,8 @@ def _quantization_and_sharding(cfg: TrainConfig) -> list[str]:
                 f"fsdp and {name}: FSDP cannot shard a bitsandbytes base here; use {name} without fsdp "
                 "(each process holds the quantized base), or fsdp with a bf16 or fp32 base"
             )
+    if cfg.fsdp and cfg.eval_generate:
+        problems.append("fsdp and eval_generate: generation runs in one process, which a sharded base cannot")
     return problems
 
 

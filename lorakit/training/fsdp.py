@@ -36,8 +36,6 @@ def check_fsdp(cfg: Any, world: World) -> None:
     """What --fsdp needs, checked before anything loads."""
     if not world.distributed and not cfg.resume:  # (a resume on another process count is refused by name later)
         raise LorakitError("--fsdp shards the base over several processes: run it with --nproc N (N >= 2) or torchrun")
-    if cfg.eval_generate:
-        raise LorakitError("--fsdp with --eval-generate: generation runs on one process, which a sharded base cannot")
 
 
 def load_model(world: World, load: Callable[[], nn.Module], build_meta: Callable[[], nn.Module]) -> nn.Module:
