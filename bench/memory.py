@@ -21,8 +21,14 @@ once, so that the RSS follows the live tensors. The default setting raises its m
 are freed and then keeps freed transient buffers (activation intermediates, logits) in the heap: the difference
 between the two columns is that retention, not tensors the estimate forgot.
 
+Variants (`--variants`): `base` (the run as configured), `4bit` (`--load-in-4bit`, NF4), and `ddp2` / `fsdp2`: two
+processes through torchrun (gloo on CPU), data-parallel with the whole base in each, or with `--fsdp`; for these
+the measured figure is the larger of the two ranks' peaks, and the estimate is `--dry-run`'s per process (with
+`--nproc 2`, and `--fsdp` for fsdp2).
+
     python bench/memory.py --quick                           # a smoke test: the tiny model, batch 2 x 64
     python bench/memory.py --markdown --json bench/results/memory.json
+    python bench/memory.py --models smollm2 --checkpointing off --variants 4bit,ddp2,fsdp2 --markdown
 """
 
 from __future__ import annotations
@@ -94,9 +100,11 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     from lorakit.models import PACKAGED
     from lorakit.training.config import build_config
     from lorakit.training.data import DataSpec, read_rows
+    from lorakit.training.distributed import init_world
     from lorakit.training.loop import train
     from lorakit.training.memory import dry_run_estimate
 
+    world = init_world()  # ddp2 / fsdp2: this is one of two ranks under torchrun
     torch.set_num_threads(spec["threads"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = PACKAGED if spec["model"] == "smollm2" else spec["folder"]
@@ -109,6 +117,9 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         rank=spec["rank"],
         lr=1e-4,
         gradient_checkpointing=spec["checkpointing"],
+        load_in_4bit=spec["variant"] == "4bit",
+        fsdp=spec["variant"] == "fsdp2",
+        nproc=world.size if world.distributed else None,
     )
     cfg = build_config(values, options, source="bench")
     # Code is not data: import what the run will import (the model's modeling module through the meta model of
@@ -116,6 +127,9 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     est = dry_run_estimate(cfg)
     read_rows(DataSpec(source=cfg.data), task=cfg.task)
     import rich.progress  # noqa: F401  (the progress bar)
+
+    if spec["variant"] == "4bit":
+        import bitsandbytes  # noqa: F401  (its native library: code, not the model's memory)
 
     gc.collect()
     baseline = 0.0 if device == "cuda" else common.current_memory_mb(device)
@@ -126,7 +140,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         hook.remove()
         with torch.no_grad():  # read every weight: pages of a memory-mapped checkpoint become resident now
             for param in module.parameters():
-                param.sum()
+                getattr(param, "_local_tensor", param).sum()  # (a shard of --fsdp: its local part)
         marks["static"] = common.current_memory_mb(device)
         common.reset_peak_memory(device)
 
@@ -136,12 +150,18 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     hook = torch.nn.modules.module.register_module_forward_pre_hook(first_forward)
     console = common.loop_console(on_start=lambda: None, on_end=loop_end)
     result = train(cfg, console=console)
-    if console.loops != 1 or "static" not in marks:
+    if world.distributed:  # ranks other than 0 draw no progress bar: their peak is taken at the end
+        marks.setdefault("peak", common.peak_memory_mb(device))
+        rank_file = Path(f"{spec['out']}.rank{world.rank}.json")  # the parent compares the ranks (run_child)
+        rank_file.write_text(json.dumps({k: marks[k] - baseline for k in ("peak", "static")}))
+        if not world.main:
+            return {}
+    elif console.loops != 1 or "static" not in marks:
         raise SystemExit(f"expected one training loop with forwards, saw {console.loops} live displays, {marks}")
     records = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
     estimate = est.peak_bytes_checkpointed if spec["checkpointing"] else est.peak_bytes
     return {
-        **{k: spec[k] for k in ("model", "batch", "seq", "steps", "targets", "rank", "checkpointing")},
+        **{k: spec[k] for k in ("model", "batch", "seq", "steps", "targets", "rank", "checkpointing", "variant")},
         "device": device,
         "estimate_mb": estimate / 2**20,
         "estimate_parts_mb": {k: v / 2**20 for k, v in est.to_json().items() if "bytes" in k},
@@ -155,6 +175,21 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+VARIANTS = ("base", "4bit", "ddp2", "fsdp2")
+
+
+def run_child(spec: dict[str, Any], environment: dict[str, str | None]) -> dict[str, Any]:
+    """One measurement in a fresh process; ddp2 / fsdp2: two, through torchrun."""
+    if spec["variant"] not in ("ddp2", "fsdp2"):
+        return common.run_child(__file__, ["--child", json.dumps(spec)], environment)
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__]
+    environment = {**environment, "OMP_NUM_THREADS": str(spec["threads"])}
+    result = common.run_child(torchrun[0], [*torchrun[1:], "--child", json.dumps(spec)], environment)
+    ranks = [json.loads(Path(f"{spec['out']}.rank{r}.json").read_text()) for r in range(2)]
+    peak, static = max(r["peak"] for r in ranks), max(r["static"] for r in ranks)
+    return {**result, "ranks": ranks, "measured_mb": peak, "static_mb": static, "steps_mb": peak - static}
+
+
 def measure(folder: Path, args: Any) -> list[dict[str, Any]]:
     results = []
     for model in args.models.split(","):
@@ -164,27 +199,32 @@ def measure(folder: Path, args: Any) -> list[dict[str, Any]]:
         seq = args.seq or DEFAULTS[model]["seq"]
         model_dir = save_tiny(folder / "tiny", args.seed) if model == "tiny" else None
         data = write_rows(folder / f"{model}.jsonl", model, batch * args.steps, seq, args.seed)
-        for setting in args.checkpointing.split(","):
+        for setting, variant in [(c, v) for v in args.variants.split(",") for c in args.checkpointing.split(",")]:
+            if variant not in VARIANTS:
+                raise SystemExit(f"unknown variant {variant!r}; expected {', '.join(VARIANTS)}")
             spec = dict(
                 model=model, folder=str(model_dir), data=str(data), out=str(folder / "run"), batch=batch,
                 seq=seq, steps=args.steps, targets=args.targets, rank=args.rank, checkpointing=setting == "on",
-                threads=args.threads,
+                threads=args.threads, variant=variant,
             )  # fmt: skip
             pair = {}
-            for malloc, environment in MALLOC.items():
-                pair[malloc] = common.run_child(__file__, ["--child", json.dumps(spec)], environment)
+            for malloc, environment in [(m, MALLOC[m]) for m in args.malloc.split(",")]:
+                pair[malloc] = run_child(spec, environment)
                 print(
-                    f"  {model}, checkpointing {setting}, malloc {malloc}: estimate "
+                    f"  {model}, {variant}, checkpointing {setting}, malloc {malloc}: estimate "
                     f"{pair[malloc]['estimate_mb']:.0f} MiB, measured {pair[malloc]['measured_mb']:.0f} MiB",
                     flush=True,
                 )
+            if "default" not in pair:  # --malloc returned
+                pair["default"] = {k: float("nan") for k in pair["returned"]}
+            pair.setdefault("returned", pair["default"])
             default = {f"{k}_default": v for k, v in pair["default"].items() if k.endswith(("_mb", "_per_s"))}
             results.append({**pair["returned"], **default})
     return results
 
 
 def table(results: list[dict[str, Any]], args: Any) -> tuple[str, list[str], list[list[str]]]:
-    columns = ["model", "batch x seq", "checkpointing", "estimate MiB", "measured MiB", "/ estimate"]
+    columns = ["model", "variant", "batch x seq", "checkpointing", "estimate MiB", "measured MiB", "/ estimate"]
     columns += ["glibc default MiB", "/ estimate", "static MiB (est. weights)", "steps MiB (est. the rest)"]
     columns += ["tokens/s (glibc default)"]
     rows = []
@@ -193,6 +233,7 @@ def table(results: list[dict[str, Any]], args: Any) -> tuple[str, list[str], lis
         rows.append(
             [
                 r["model"],
+                r.get("variant", "base"),
                 f"{r['batch']} x {r['seq']}",
                 "on" if r["checkpointing"] else "off",
                 f"{estimate:.0f}",
@@ -217,10 +258,14 @@ def main(argv: list[str] | None = None) -> None:
     common.lora_args(p, alpha=False, rank=8)
     p.add_argument("--checkpointing", default="off,on", help="gradient checkpointing settings to run: off, on")
     p.add_argument("--threads", type=int, default=1, help="torch threads in each child")
+    p.add_argument("--malloc", default="returned,default", help="glibc settings to run: returned, default")
+    p.add_argument("--variants", default="base", help="comma-separated: base, 4bit, ddp2, fsdp2 (module docstring)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = common.parse(p, argv, quick=dict(models="tiny", batch=2, seq=64, checkpointing="off"))
     if args.child:
-        print(json.dumps(child(json.loads(args.child))))
+        result = child(json.loads(args.child))
+        if result:  # (rank 0 of ddp2 / fsdp2 prints for both)
+            print(json.dumps(result))
         return
     info = common.start(args, threads=False)  # --threads is the children's
     with tempfile.TemporaryDirectory() as tmp:

@@ -273,6 +273,7 @@ def _train_epilog(recipe_only: set[str]) -> str:
 Precision = Literal["fp32", "bf16", "fp16"]
 Task = Literal["causal-lm", "classification"]
 Scheduler = Literal["linear", "cosine", "constant"]
+QuantType = Literal["nf4", "fp4"]
 
 
 # train and eval are long only by their option declarations (one per setting, with its help text); their
@@ -410,6 +411,17 @@ def train(
     load_in_8bit: Annotated[
         bool,
         typer.Option("--load-in-8bit/--no-load-in-8bit", help="Frozen base in 8 bits (bitsandbytes, lorakit[8bit])."),
+    ] = False,
+    load_in_4bit: Annotated[
+        bool,
+        typer.Option("--load-in-4bit/--no-load-in-4bit", help="Frozen base in 4 bits (QLoRA; bitsandbytes)."),
+    ] = False,
+    bnb_4bit_quant_type: Annotated[
+        QuantType | None, typer.Option(help="4-bit data type of --load-in-4bit. [default: nf4]")
+    ] = None,
+    fsdp: Annotated[
+        bool,
+        typer.Option("--fsdp/--no-fsdp", help="Shard the frozen base over the processes (FSDP2; --nproc/torchrun)."),
     ] = False,
     dry_run: Annotated[
         bool,

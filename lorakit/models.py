@@ -254,6 +254,7 @@ def load_base(
     device: torch.device | None = None,
     pad_token_id: int | None = None,
     allow_pickle: bool = False,
+    load_in_4bit: str | None = None,
 ) -> nn.Module:
     """Load a pretrained model in eval mode.
 
@@ -266,10 +267,14 @@ def load_base(
         num_labels: classes of a new classification head.
         model_class: a transformers class name to load with (what an adapter records as `base_class`).
         load_in_8bit: quantize the linear layers to 8 bits with bitsandbytes (`Linear8bitLt`), on `device`.
-        device: where an 8-bit model is placed as it loads (other models load on the CPU).
+        device: where an 8-bit or 4-bit model is placed as it loads (other models load on the CPU).
         pad_token_id: set in the config when it has none (a decoder classifier finds each row's last token by it).
         allow_pickle: load a base stored only as pickled `pytorch_model.bin`.
+        load_in_4bit: `nf4` or `fp4`: quantize the linear layers of the blocks to 4 bits with bitsandbytes
+            (`Linear4bit`, double quantization, computing in `dtype`), on `device`.
     """
+    if load_in_8bit and load_in_4bit:
+        raise LorakitError("--load-in-4bit and --load-in-8bit: choose one")
     torch_dtype = parse_dtype(dtype)
     name = source or PACKAGED
     config = load_config(source, trust_remote_code)
@@ -287,6 +292,9 @@ def load_base(
     extra: dict[str, Any] = _hub_options(source)
     if load_in_8bit:
         extra.update(eight_bit_options(device or torch.device("cpu")))
+    if load_in_4bit:
+        compute = torch_dtype if isinstance(torch_dtype, torch.dtype) else torch.float32
+        extra.update(four_bit_options(device or torch.device("cpu"), load_in_4bit, compute))
     try:
         model, info = cls.from_pretrained(
             source,
@@ -299,10 +307,40 @@ def load_base(
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:
         raise LorakitError(f"cannot load model {name!r}: {_explain(e)}") from None
+    if load_in_4bit:
+        keep_4bit_layout(model)
     model.eval()
     # Parameters the checkpoint did not have (e.g. a new classification head), initialized at random.
     model.lorakit_new_params = sorted(info.get("missing_keys") or [])
     model.config._name_or_path = base_name(None if name == PACKAGED else name)  # what adapters record
+    return model
+
+
+def meta_base(
+    source: str | None,
+    dtype: str = "fp32",
+    task: str | None = None,
+    trust_remote_code: bool = False,
+    num_labels: int | None = None,
+    pad_token_id: int | None = None,
+) -> nn.Module:
+    """The model `load_base` returns for the same arguments, built from its config on the meta device: the same
+    modules, shapes and dtypes, no weights read and no memory (`--fsdp` ranks other than 0 fill in their shards)."""
+    name = source or PACKAGED
+    config = load_config(source, trust_remote_code)
+    check_task(config, task, name)
+    if num_labels is not None:
+        config.num_labels = num_labels
+    if pad_token_id is not None and getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = pad_token_id
+    torch_dtype = parse_dtype(dtype)
+    cls = _model_class(config, task)
+    with torch.device("meta"):
+        build = cls.from_config if hasattr(cls, "from_config") else cls._from_config  # Auto* or a model class
+        model = build(config, dtype=torch_dtype if isinstance(torch_dtype, torch.dtype) else None)
+    model.eval()
+    model.lorakit_new_params = []
+    model.config._name_or_path = base_name(None if name == PACKAGED else name)
     return model
 
 
@@ -316,6 +354,51 @@ def eight_bit_options(device: torch.device) -> dict[str, Any]:
     # once is enough.
     logging.getLogger("bitsandbytes.autograd._functions").addFilter(_first_time_only)
     return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True), "device_map": {"": device}}
+
+
+def four_bit_options(device: torch.device, quant_type: str, compute_dtype: torch.dtype) -> dict[str, Any]:
+    """from_pretrained arguments for a 4-bit frozen base (QLoRA): `nf4` or `fp4` blocks of 64 weights, their
+    absmax scales quantized again to 8 bits (double quantization), matmuls in `compute_dtype`."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise LorakitError("--load-in-4bit needs bitsandbytes: pip install 'lorakit[8bit]'")
+    if quant_type not in ("nf4", "fp4"):
+        raise LorakitError(f"--bnb-4bit-quant-type: expected nf4 or fp4, got {quant_type!r}")
+    from transformers import BitsAndBytesConfig
+
+    # Without the optional `kernels` package bitsandbytes warns at import that it uses its own CPU kernel.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_kernels_note)
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+    return {"quantization_config": config, "device_map": {"": device}}
+
+
+def keep_4bit_layout(model: nn.Module) -> None:
+    """Keep every 4-bit weight in bitsandbytes' standard layout, and nothing of the checkpoint file mapped.
+
+    On CPUs with AVX512-BF16, `Linear4bit` otherwise rewrites its weight in place into a CPU inference layout at its
+    first no-grad call in eval mode (an evaluation), which changes the weight's bytes (its fingerprint), cannot be
+    dequantized as a standard weight, and fails for rows shorter than a block of 64."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    # The weights left in float (embeddings, norms, head) are views of the memory-mapped checkpoint, which keeps the
+    # whole file mapped and every page read while quantizing resident: copy them out so that the mapping goes.
+    with torch.no_grad():
+        for param in model.parameters():
+            if torch.is_floating_point(param):
+                param.data = param.data.clone()
+        for module in model.modules():
+            for key, buffer in module._buffers.items():
+                if buffer is not None:
+                    module._buffers[key] = buffer.clone()
+
+
+def _not_kernels_note(record: logging.LogRecord) -> bool:
+    return "kernels-community" not in record.getMessage()
 
 
 _LOGGED: set[str] = set()

@@ -75,6 +75,10 @@ def dry_run_table(cfg: TrainConfig, est: MemoryEstimate, cuda: bool, data: DataS
     table.add_row("frozen parameters", f"{est.frozen_params:,}")
     table.add_row("adapter file", f"{est.adapter_file_bytes:,} bytes ({est.adapter_tensor_bytes:,} of tensors)")
     weights = " (8-bit linear layers)" if cfg.load_in_8bit else f" ({cfg.precision})"
+    if cfg.load_in_4bit:
+        weights = f" (4-bit {cfg.bnb_4bit_quant_type} linear layers, double quantization)"
+    if cfg.fsdp:
+        weights += f"; per process, sharded over {cfg.nproc or 1} (--fsdp)"
     table.add_row("weights", _mib(est.weights_bytes) + weights)
     table.add_row("LoRA parameters, gradients, AdamW state", _mib(est.lora_state_bytes))
     if data is not None:
@@ -149,8 +153,8 @@ def merge_lines(result: MergeResult) -> list[str]:
     ]
     if result.quantized_diff is not None:
         lines.append(
-            f"8-bit base + adapter vs. merged (full precision): max |Δlogits| = {result.quantized_diff:.3g} "
-            "(what the 8-bit base costs)"
+            f"{result.quantized_bits} base + adapter vs. merged (full precision): max |Δlogits| = "
+            f"{result.quantized_diff:.3g} (what the {result.quantized_bits} base costs)"
         )
     note = "" if result.tokenizer else " (the base has no tokenizer files; none copied)"
     lines.append(f"wrote {escape(str(result.out))}{note}")

@@ -28,7 +28,8 @@ LIBRARY = {"merged": "transformers", "peft": "peft"}
 # The training settings a card shows, in this order (the adapter records every setting of its run).
 SETTINGS = (
     "data", "eval_data", "task", "epochs", "max_steps", "batch_size", "grad_accum", "lr", "warmup_steps",
-    "weight_decay", "label_smoothing", "max_grad_norm", "max_length", "precision", "load_in_8bit", "seed",
+    "weight_decay", "label_smoothing", "max_grad_norm", "max_length", "precision", "load_in_8bit",
+    "load_in_4bit", "bnb_4bit_quant_type", "fsdp", "seed",
 )  # fmt: skip
 
 
@@ -151,7 +152,8 @@ def _lora_table(adapter: Adapter) -> str:
 
 
 def _settings_table(train: dict[str, Any]) -> str:
-    rows = [(key, _value(train[key])) for key in SETTINGS if train.get(key) not in (None, "")]
+    shown = [key for key in SETTINGS if key != "bnb_4bit_quant_type" or train.get("load_in_4bit")]
+    rows = [(key, _value(train[key])) for key in shown if train.get(key) not in (None, "")]
     return "## Training\n\n" + _table(rows) if rows else ""
 
 

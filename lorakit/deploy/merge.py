@@ -3,9 +3,9 @@
 Memory: the base is loaded once; the merge happens in place, one projection at a time (each delta is
 computed in fp32 and only as large as that projection), so the peak is about one copy of the base.
 
-An adapter trained on an 8-bit base is merged into the base reloaded in full precision from its source (int8
-weights cannot hold W0 + BA). The merged model therefore differs from the 8-bit model the adapter was trained
-with by the quantization error; that difference is measured on the probe batch and reported (`quantized_diff`).
+An adapter trained on an 8-bit or 4-bit base is merged into the base reloaded in full precision from its source
+(int8 or NF4 weights cannot hold W0 + BA). The merged model therefore differs from the quantized model the adapter
+was trained with by the quantization error, measured on the probe batch and reported (`quantized_diff`).
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from .card import CARD_NAME, model_card
 # relative to max(1, largest |logit|): rounding of the merged weight in the saved dtype.
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}
 PROBE_SEED = 20210617
+QUANTIZED = ("int8", "nf4", "fp4")
+"""`base_dtype` of adapters trained on a bitsandbytes base (8-bit; 4-bit NF4 or FP4)."""
 KIND = "merged"  # the marker of a merged folder: what `merge --overwrite` may replace
 
 
@@ -46,9 +48,11 @@ class MergeResult:
     tolerance: float
     tokenizer: bool = True
     quantized_diff: float | None = None
-    """Adapter trained on an 8-bit base: max |logit difference| on the probe batch between that 8-bit base with
+    """Adapter trained on an 8-bit or 4-bit base: max |logit difference| on the probe batch between that base with
     the adapter and the merged model (the quantization error; not checked). None otherwise, or without
     bitsandbytes."""
+    quantized_bits: str = ""
+    """`8-bit` or `4-bit (nf4)`: the base the adapter was trained on, when quantized."""
 
 
 def probe_batch(model: nn.Module, batch: int = 2, length: int = 16) -> torch.Tensor:
@@ -103,7 +107,7 @@ def merge_to_folder(
     options: dict[str, Any] = dict(model_class=loaded.metadata.get("base_class"), allow_pickle=allow_pickle)
     options["num_labels"] = int(labels) if labels else None
     quantized = None
-    if loaded.metadata.get("base_dtype") == "int8" and importlib.util.find_spec("bitsandbytes") is not None:
+    if loaded.metadata.get("base_dtype") in QUANTIZED and importlib.util.find_spec("bitsandbytes") is not None:
         quantized = quantized_logits(source, loaded, options)  # before the full-precision load: one model at a time
     base = load_base(source, **options)
     apply_adapter(base, loaded)  # checks the base fingerprint
@@ -137,20 +141,30 @@ def merge_to_folder(
         card = model_card(loaded, KIND, base_name(source), out.name)
         (tmp / CARD_NAME).write_text(card, encoding="utf-8")
     return MergeResult(
-        out, source, dtype_name(saved), n_modules, diff, tolerance, tokenizer is not None, quantized_diff
-    )
+        out, source, dtype_name(saved), n_modules, diff, tolerance, tokenizer is not None, quantized_diff,
+        quantized_label(loaded.metadata.get("base_dtype", "")),
+    )  # fmt: skip
+
+
+def quantized_label(base_dtype: str) -> str:
+    """How a quantized base stored its weights, for the report: `8-bit`, `4-bit (nf4)`; empty if not quantized."""
+    if base_dtype not in QUANTIZED:
+        return ""
+    return "8-bit" if base_dtype == "int8" else f"4-bit ({base_dtype})"
 
 
 def quantized_logits(source: str, adapter: Adapter, options: dict[str, Any]) -> torch.Tensor:
-    """Probe logits of the base loaded in 8 bits as it was trained (precision of the run, if recorded) with the
-    adapter applied."""
+    """Probe logits of the base loaded in 8 or 4 bits as it was trained (precision of the run, if recorded) with
+    the adapter applied."""
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     try:
         precision = str(json.loads(adapter.metadata.get("train_config", "{}")).get("precision") or "auto")
     except (ValueError, AttributeError):
         precision = "auto"
     dtype = precision if precision in DTYPES else "auto"
-    model = load_base(source, dtype=dtype, load_in_8bit=True, device=device, **options)
+    base_dtype = adapter.metadata.get("base_dtype")
+    bits = dict(load_in_8bit=True) if base_dtype == "int8" else dict(load_in_4bit=base_dtype)
+    model = load_base(source, dtype=dtype, device=device, **bits, **options)
     apply_adapter(model, adapter)
     logits = logits_of(model, probe_batch(model))
     del model

@@ -31,7 +31,7 @@ from .. import __version__
 from ..errors import LorakitError
 from ..files import write_atomic
 from .base import linear_at
-from .fingerprint import combine_digests, digest_algorithm, sketches_match
+from .fingerprint import combine_digests, digest_algorithm, sketch_kind, sketches_match
 from .layer import LoRALayer, Slice
 from .targets import Target
 from .wrap import lora_layers, target_of, unmerge_adapter, unwrap, wrap_targets
@@ -480,8 +480,7 @@ def check_base(adapter: Adapter, model: nn.Module) -> None:
         if layer.base_dtype == info.dtype:
             same = layer.base_digest(digest_algorithm(info.digest)) == info.digest
         else:
-            kind = "int8" if "int8" in (layer.base_dtype, info.dtype) else "float"
-            same = sketches_match(sketch, info.sketch, kind)
+            same = sketches_match(sketch, info.sketch, sketch_kind(layer.base_dtype, info.dtype))
         if not same:
             raise LorakitError(
                 f"{adapter.path}: trained on another base ({adapter.base_model or 'unnamed'}, fingerprint "

@@ -1,7 +1,8 @@
 """Reading the base layers LoRA wraps: their type, shape and weight, whatever their storage.
 
 `nn.Linear` stores its weight (out, in); transformers' `Conv1D` (GPT-2) stores it (in, out); bitsandbytes'
-`Linear8bitLt` holds int8 rows with a float scale per row.
+`Linear8bitLt` holds int8 rows with a float scale per row; `Linear4bit` (QLoRA's NF4, or FP4) holds packed 4-bit
+codes with a scale per block of 64 values (`Params4bit.quant_state`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,17 @@ def is_quantized(module: nn.Module) -> bool:
     )
 
 
+def four_bit_type(module: nn.Module) -> str | None:
+    """`nf4` or `fp4` for a bitsandbytes 4-bit layer (its weight carries a quant_state); None otherwise."""
+    state = getattr(getattr(module, "weight", None), "quant_state", None)
+    return str(state.quant_type) if state is not None else None
+
+
+def quantized_bits(module: nn.Module) -> str:
+    """`4-bit` or `8-bit`: how a quantized base layer stores its weight (for messages)."""
+    return "4-bit" if four_bit_type(module) else "8-bit"
+
+
 def is_linear_like(module: nn.Module) -> bool:
     """What a LoRA layer can wrap."""
     return isinstance(module, nn.Linear) or is_conv1d(module)
@@ -39,12 +51,16 @@ def base_shape(module: nn.Module) -> tuple[int, int]:
 
 
 def dense_weight(module: nn.Module) -> torch.Tensor:
-    """The base weight as a float (out, in) tensor; 8-bit weights are dequantized."""
+    """The base weight as a float (out, in) tensor; 8-bit and 4-bit weights are dequantized."""
     weight = module.weight
     if is_conv1d(module):
         return weight.detach().T
     if torch.is_floating_point(weight):
         return weight.detach()
+    if four_bit_type(module):
+        import bitsandbytes.functional as bnb_functional
+
+        return bnb_functional.dequantize_4bit(weight.data, weight.quant_state).float()  # (out, in)
     scb = getattr(weight, "SCB", None)
     if scb is None:
         scb = getattr(getattr(module, "state", None), "SCB", None)

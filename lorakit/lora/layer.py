@@ -1,7 +1,7 @@
 """The LoRA layer: a frozen base projection plus `scaling * B(A(dropout(x)))` (Hu et al. 2021, eq. 3).
 
 One class wraps `nn.Linear`, transformers' `Conv1D` (weight stored (in, out)) and bitsandbytes'
-`Linear8bitLt`. A fused projection such as GPT-2's `c_attn` (q, k and v stacked on the output axis) can
+`Linear8bitLt` / `Linear4bit`. A fused projection such as GPT-2's `c_attn` (q, k and v stacked on the output axis) can
 carry one A/B pair per output slice, so `q,v` adapts those two slices and leaves k bit-identical.
 """
 
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LorakitError
-from .base import base_shape, is_conv1d, is_linear_like, is_quantized
+from .base import base_shape, four_bit_type, is_conv1d, is_linear_like, is_quantized, quantized_bits
 from .fingerprint import DIGEST, base_digest, base_fingerprint, fingerprint_all
 
 
@@ -179,7 +179,8 @@ class LoRALayer(nn.Module):
     ) -> None:
         super().__init__()
         if not is_linear_like(base):
-            raise LorakitError(f"cannot wrap {type(base).__name__}: expected nn.Linear, Conv1D or Linear8bitLt")
+            expected = "nn.Linear, Conv1D, Linear8bitLt or Linear4bit"
+            raise LorakitError(f"cannot wrap {type(base).__name__}: expected {expected}")
         if rank < 1:
             raise LorakitError(f"rank must be a positive integer, got {rank}")
         if not 0.0 <= dropout < 1.0:
@@ -313,7 +314,8 @@ class LoRALayer(nn.Module):
 
     @property
     def base_dtype(self) -> str:
-        return str(self.base.weight.dtype).removeprefix("torch.")
+        """The base weight's dtype (float32, int8, ...); `nf4` / `fp4` for a 4-bit base."""
+        return four_bit_type(self.base) or str(self.base.weight.dtype).removeprefix("torch.")
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -335,7 +337,7 @@ class LoRALayer(nn.Module):
     def _add_delta(self, sign: float) -> None:
         if is_quantized(self.base):
             raise LorakitError(
-                "cannot merge into a quantized (8-bit) base: reload the base in full precision "
+                f"cannot merge into a quantized ({quantized_bits(self.base)}) base: reload the base in full precision "
                 "(`lorakit merge` does this) and merge there"
             )
         weight = self.base.weight

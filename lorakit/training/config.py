@@ -22,6 +22,7 @@ from .reporting import parse_report_to
 Precision = Literal["fp32", "bf16", "fp16"]
 Task = Literal["causal-lm", "classification"]
 Scheduler = Literal["linear", "cosine", "constant"]
+QuantType = Literal["nf4", "fp4"]
 
 
 @dataclass
@@ -43,6 +44,13 @@ class TrainConfig:
     """Compute precision: fp32, bf16 (autocast) or fp16 (autocast + grad scaler)."""
     load_in_8bit: bool = False
     """Load the frozen base in 8 bits with bitsandbytes (`pip install 'lorakit[8bit]'`)."""
+    load_in_4bit: bool = False
+    """Load the frozen base in 4 bits with bitsandbytes (QLoRA: double quantization, computing in `precision`)."""
+    bnb_4bit_quant_type: QuantType = "nf4"
+    """The 4-bit data type of load_in_4bit: nf4 (normal float, QLoRA's) or fp4."""
+    fsdp: bool = False
+    """In a run of several processes (nproc / torchrun), shard the frozen base per transformer block (FSDP2)
+    instead of holding a whole copy in each process."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (non-reentrant) to save memory."""
     base_dropout: bool = False
@@ -283,7 +291,26 @@ def _check_values(cfg: TrainConfig) -> list[str]:
         problems.append(f"num_labels: only for task classification, got task {cfg.task}")
     if cfg.resume and cfg.overwrite:
         problems.append("resume and overwrite: choose one")
+    problems += _quantization_and_sharding(cfg)
     problems += _best_and_early_stopping(cfg)
+    return problems
+
+
+def _quantization_and_sharding(cfg: TrainConfig) -> list[str]:
+    """A 4-bit and an 8-bit base at once, a bitsandbytes base under FSDP (its packed weights and their
+    quantization state are not tensors FSDP2 can shard and gather: untested here, so refused), or generation during
+    training with a sharded base."""
+    problems = []
+    if cfg.load_in_4bit and cfg.load_in_8bit:
+        problems.append("load_in_4bit and load_in_8bit: choose one")
+    for name in ("load_in_4bit", "load_in_8bit"):
+        if cfg.fsdp and getattr(cfg, name):
+            problems.append(
+                f"fsdp and {name}: FSDP cannot shard a bitsandbytes base here; use {name} without fsdp "
+                "(each process holds the quantized base), or fsdp with a bf16 or fp32 base"
+            )
+    if cfg.fsdp and cfg.eval_generate:
+        problems.append("fsdp and eval_generate: generation runs in one process, which a sharded base cannot")
     return problems
 
 

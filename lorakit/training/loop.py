@@ -26,6 +26,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ from ..evaluation.metrics import MetricWarning, text_metrics
 from ..files import folder_lock, write_atomic
 from ..lora.adapter import apply_adapter, read_adapter, save_adapter
 from ..lora.wrap import add_lora, lora_layers, oversized_ranks
-from ..models import base_name, check_task, context_length, load_base, load_config, load_tokenizer
+from ..models import base_name, check_task, context_length, load_base, load_config, load_tokenizer, meta_base
 from .checkpoint import (
     BEST_COPY,
     RunState,
@@ -61,6 +62,7 @@ from .config import (
 )
 from .data import Encoded, Rows, batch_order, collate, encode, read_rows, split_rows, to_device
 from .distributed import World, all_sum, barrier, device_for, gather_objects, init_world, shutdown
+from .fsdp import ShardedStep, check_fsdp, load_model, shard_model
 from .loss import LossStep, dataset_loss, label_count
 from .precision import Autocast, autocast_for, check_precision, fp32_master_weights, gradient_scaler
 from .reporting import Reporters, check_available, parse_report_to
@@ -238,14 +240,18 @@ def setup(cfg: TrainConfig, world: World, out: Path, console: Any) -> Run:
     pad_id = pad_id_of(tokenizer)
     device = device_for(world)
     check_precision(cfg.precision, cfg.load_in_8bit, device)
-    model = build_model(cfg, rows, pad_id, device, console)
+    if cfg.fsdp:
+        check_fsdp(cfg, world)
+    model = build_model(cfg, rows, pad_id, device, console, world)
     params = [p for p in model.parameters() if p.requires_grad]
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     optimizer = torch.optim.AdamW(
         params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay
     )
     step_module: nn.Module = LossStep(model, cfg.task, cfg.label_smoothing)
-    if world.distributed:
+    if cfg.fsdp:  # the base is sharded (build_model); what trains is whole on every rank, averaged as by DDP
+        step_module = ShardedStep(step_module, params, world)
+    elif world.distributed:
         from torch.nn.parallel import DistributedDataParallel
 
         # Only parameters that require gradients (the LoRA A/B, a new head) are synchronized.
@@ -259,6 +265,7 @@ def setup(cfg: TrainConfig, world: World, out: Path, console: Any) -> Run:
         f"{cfg.batch_size} x {world.size} process(es) x {cfg.grad_accum} accumulation = "
         f"{cfg.batch_size * world.size * cfg.grad_accum} on {device.type}"
         + (" (8-bit base)" if cfg.load_in_8bit else "")
+        + (f" (4-bit {cfg.bnb_4bit_quant_type} base)" if cfg.load_in_4bit else "")
     )
     return Run(
         cfg, world, device, out, console, encoded, eval_encoded, pad_id, model, step_module, params, optimizer,
@@ -354,20 +361,23 @@ def pad_id_of(tokenizer: Any) -> int:
     return 0
 
 
-def build_model(cfg: TrainConfig, rows: Rows, pad_id: int, device: torch.device, console: Any) -> nn.Module:
-    """The frozen base in the compute precision (or 8 bits) with LoRA layers, in training mode on `device`."""
+def build_model(
+    cfg: TrainConfig, rows: Rows, pad_id: int, device: torch.device, console: Any, world: World | None = None
+) -> nn.Module:
+    """The frozen base in the compute precision (or 8 or 4 bits) with LoRA layers, in training mode on `device`;
+    with --fsdp sharded over the ranks (fsdp.py)."""
     torch.manual_seed(cfg.seed)  # a new head's and A's initialization (the same on every rank)
-    model = load_base(
-        cfg.model,
-        dtype=cfg.precision,
-        task=cfg.task,
-        trust_remote_code=cfg.trust_remote_code,
-        num_labels=(cfg.num_labels or rows.num_labels) if cfg.task == "classification" else None,
-        load_in_8bit=cfg.load_in_8bit,
-        device=device,
-        pad_token_id=pad_id if cfg.task == "classification" else None,
+    num_labels = (cfg.num_labels or rows.num_labels) if cfg.task == "classification" else None
+    pad_token_id = pad_id if cfg.task == "classification" else None
+    sharded = cfg.fsdp and world is not None and world.distributed
+    options = dict(dtype=cfg.precision, task=cfg.task, trust_remote_code=cfg.trust_remote_code, num_labels=num_labels)
+    options.update(pad_token_id=pad_token_id)
+    four_bit = cfg.bnb_4bit_quant_type if cfg.load_in_4bit else None
+    load = partial(
+        load_base, cfg.model, **options, load_in_8bit=cfg.load_in_8bit, load_in_4bit=four_bit, device=device,
         allow_pickle=cfg.allow_pickle,
-    )
+    )  # fmt: skip
+    model = load_model(world, load, partial(meta_base, cfg.model, **options)) if sharded else load()
     add_lora(model, cfg.targets, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, layers=cfg.layers)
     for name, limit in oversized_ranks(model)[:1]:
         more = len(oversized_ranks(model)) - 1
@@ -383,13 +393,15 @@ def build_model(cfg: TrainConfig, rows: Rows, pad_id: int, device: torch.device,
             if name in new:
                 param.requires_grad_(True)
     fp32_master_weights([p for p in model.parameters() if p.requires_grad])
-    if not cfg.load_in_8bit:  # an 8-bit model is placed on its device when it loads and cannot move
+    if not (cfg.load_in_8bit or cfg.load_in_4bit or sharded):  # placed on its device as it loads; cannot move
         model.to(device)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     if not cfg.base_dropout:
         base_dropout_off(model)
+    if sharded:
+        shard_model(model, world, device)
     return model
 
 
@@ -683,7 +695,8 @@ def evaluate(run: Run, state: RunState) -> float | None:
     if run.eval_encoded is None:
         return None
     world = run.world
-    shard = run.eval_encoded.examples[world.rank :: world.size]
+    # With --fsdp every rank runs every forward: all rows on each (the token-weighted mean is the same).
+    shard = run.eval_encoded.examples if run.cfg.fsdp else run.eval_encoded.examples[world.rank :: world.size]
     batches = math.ceil(len(shard) / run.cfg.batch_size)
     batches = min(batches, run.cfg.eval_batches) if run.cfg.eval_batches else batches
     with _pass_bar(run, "eval", batches) as advance:

@@ -28,6 +28,8 @@ def _backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     config = getattr(model, "config", None)
     # Models that post-process logits (soft-capping, scaling) go through their own forward.
     special = any(getattr(config, k, None) for k in LOGIT_POSTPROCESSING)
+    # A base sharded by --fsdp gathers its embeddings and head in the hooks of its own forward.
+    special = special or getattr(model, "lorakit_sharded", False)
     if head is None or backbone is None or backbone is model or special:
         return None
     return backbone, head

@@ -13,6 +13,9 @@ estimated as
     + activations kept for the backward pass + logits at label positions (and their gradient)
 
 where activations per block and token are counted in elements from the block's shapes (see `_block_elements`).
+With `--load-in-4bit` the blocks' linear weights count their packed 4-bit values and quantization constants
+(`four_bit_bytes`), plus one dequantized weight in flight; with `--fsdp` and `--nproc N` every figure is per process:
+1/N of the frozen weights plus what FSDP gathers at a time (`sharded_bytes`).
 `bench/memory.py` compares the estimate with measured peaks.
 
 Parameter counts are exact: the same LoRA layers, and for classification the head parameters that the checkpoint
@@ -124,6 +127,8 @@ def estimate_memory(
     checkpoint_keys: Collection[str] | None = None,
     base_model: str = "",
     adapter_metadata: dict[str, str] | None = None,
+    load_in_4bit: str | None = None,
+    fsdp: int | None = None,
 ) -> MemoryEstimate:
     """Estimate a LoRA training run's memory from the model config alone.
 
@@ -140,6 +145,8 @@ def estimate_memory(
             trained in full); None: the whole head is new, as for a pretrained encoder or LM.
         base_model, adapter_metadata: what the adapter file will record (`base_model`, extra metadata such as
             the training configuration), for its size.
+        load_in_4bit: `nf4` or `fp4`: linear weights of the blocks stored in 4 bits (`four_bit_bytes`).
+        fsdp: the frozen base sharded over this many processes (`sharded_bytes`); the estimate is per process.
     """
     model = meta_model(config, task)
     add_lora(model, targets, rank=rank, alpha=alpha, layers=layers)
@@ -157,11 +164,19 @@ def estimate_memory(
         for path, module in model.named_modules():
             if is_linear_like(module) and layer_index(path) is not None:
                 quantized[id(module.weight)] = 4 * base_shape(module)[1]  # fp32 row scales (SCB)
+    if load_in_4bit:
+        for path, module in model.named_modules():
+            if is_linear_like(module) and layer_index(path) is not None:
+                quantized[id(module.weight)] = four_bit_bytes(module.weight.numel()) - module.weight.numel()
     weights = sum(
         p.numel() + quantized[id(p)] if id(p) in quantized else p.numel() * value_bytes
         for p in model.parameters()
         if not p.requires_grad
     )
+    if load_in_4bit and quantized:  # each matmul dequantizes its weight to the compute dtype: the largest, once
+        weights += max(p.numel() for p in model.parameters() if id(p) in quantized) * value_bytes
+    if fsdp and fsdp > 1:
+        weights = sharded_bytes(model, weights, fsdp, value_bytes)
     n_blocks = max(1, int(getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 1)))
     model_type = getattr(config, "model_type", None)
     lora_inputs = {input_group(path, model_type): layer.in_features for path, layer in lora.items()}  # one copy each
@@ -177,7 +192,7 @@ def estimate_memory(
         labelled = int(tokens * label_fraction) if label_tokens is None else label_tokens
         logits = labelled * vocab * 4 * 3  # fp32 logits, softmax and their gradient
     tensor_bytes = trainable * 4
-    dtype = "int8" if load_in_8bit else DTYPE_NAMES[precision]
+    dtype = "int8" if load_in_8bit else load_in_4bit or DTYPE_NAMES[precision]
     return MemoryEstimate(
         trainable_params=trainable,
         frozen_params=frozen,
@@ -189,6 +204,31 @@ def estimate_memory(
         activation_bytes_checkpointed=checkpointed,
         logits_bytes=logits,
     )
+
+
+FOUR_BIT_BLOCK = 64  # weights per absmax scale (bitsandbytes' default for 4-bit)
+DOUBLE_QUANT_BLOCK = 256  # absmax values per second-level fp32 scale (double quantization)
+
+
+def four_bit_bytes(n: int) -> int:
+    """Bytes of `n` weights in 4 bits with double quantization (what `--load-in-4bit` loads): two values per byte,
+    an 8-bit absmax per block of 64, an fp32 scale per 256 absmax values, the 256-entry fp32 code of that second
+    level, the 16-entry fp32 code of NF4 / FP4 and the absmax offset (fp32)."""
+    blocks = -(-n // FOUR_BIT_BLOCK)
+    return -(-n // 2) + blocks + 4 * -(-blocks // DOUBLE_QUANT_BLOCK) + 4 * (256 + 16 + 1)
+
+
+def sharded_bytes(model: nn.Module, weights: int, world: int, value_bytes: int) -> int:
+    """Frozen-weight bytes per process under --fsdp: its 1/world share of every parameter (LoRA stays whole on each
+    process, counted apart), plus the unsharded copies FSDP gathers: the block being computed and the next one
+    (prefetched), and the embeddings and head (gathered for the whole forward, as the root group)."""
+    from .fsdp import transformer_blocks
+
+    blocks = transformer_blocks(model)
+    block_bytes = max(sum(p.numel() for p in b.parameters() if not p.requires_grad) for b in blocks) * value_bytes
+    in_blocks = {id(p) for p in blocks.parameters()}
+    rest = sum(p.numel() for p in model.parameters() if not p.requires_grad and id(p) not in in_blocks) * value_bytes
+    return -(-weights // world) + 2 * block_bytes + rest
 
 
 def new_head_params(model: nn.Module, checkpoint_keys: Collection[str] | None) -> set[str]:
@@ -229,7 +269,8 @@ def adapter_file_bytes(model: nn.Module, dtype: str, base_model: str = "", extra
 
     modules, shapes = [], {}
     for path, layer in lora_layers(model):
-        base_type = "Linear8bitLt" if dtype == "int8" else type(layer.base).__name__
+        base_type = {"int8": "Linear8bitLt", "nf4": "Linear4bit", "fp4": "Linear4bit"}.get(dtype)
+        base_type = base_type or type(layer.base).__name__
         slices = None if layer.is_full else list(layer.slices)
         info = ModuleInfo(
             path, layer.in_features, layer.out_features, layer.rank, layer.alpha, layer.dropout_p, slices,
@@ -313,6 +354,8 @@ def dry_run(cfg: Any) -> DryRun:
         label_tokens=shape.label_tokens,
         precision=cfg.precision,
         load_in_8bit=cfg.load_in_8bit,
+        load_in_4bit=cfg.bnb_4bit_quant_type if cfg.load_in_4bit else None,
+        fsdp=(cfg.nproc or 1) if cfg.fsdp else None,
         checkpoint_keys=read_checkpoint_keys(source) if Path(source).is_dir() else None,
         base_model=base_name(cfg.model),
         adapter_metadata={"train_config": json.dumps(asdict(replace(cfg, dry_run=False)))},  # what train() records
