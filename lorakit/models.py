@@ -249,6 +249,7 @@ def load_base(
     device: torch.device | None = None,
     pad_token_id: int | None = None,
     allow_pickle: bool = False,
+    attn_implementation: str | None = None,
 ) -> nn.Module:
     """Load a pretrained model in eval mode.
 
@@ -261,9 +262,11 @@ def load_base(
         num_labels: classes of a new classification head.
         model_class: a transformers class name to load with (what an adapter records as `base_class`).
         load_in_8bit: quantize the linear layers to 8 bits with bitsandbytes (`Linear8bitLt`), on `device`.
-        device: where an 8-bit model is placed as it loads (other models load on the CPU).
+        device: where the model is placed as it loads: an 8-bit model, or any model on a CUDA device (each
+            rank's weights go straight to its own GPU); otherwise the model loads on the CPU.
         pad_token_id: set in the config when it has none (a decoder classifier finds each row's last token by it).
         allow_pickle: load a base stored only as pickled `pytorch_model.bin`.
+        attn_implementation: eager, sdpa or flash_attention_2 (None: transformers' default for the model).
     """
     torch_dtype = parse_dtype(dtype)
     name = source or PACKAGED
@@ -282,6 +285,10 @@ def load_base(
     extra: dict[str, Any] = _hub_options(source)
     if load_in_8bit:
         extra.update(eight_bit_options(device or torch.device("cpu")))
+    elif device is not None and device.type == "cuda":
+        extra["device_map"] = {"": device}  # straight onto the GPU, never a full copy in host memory first
+    if attn_implementation:
+        extra["attn_implementation"] = attn_implementation
     try:
         model, info = cls.from_pretrained(
             source,

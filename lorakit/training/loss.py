@@ -10,6 +10,7 @@ import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -44,18 +45,45 @@ def causal_lm_loss(
         label_smoothing: epsilon of label smoothing.
     """
     labels = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
-    mask = labels != IGNORE
-    n_tokens = int(mask.sum())
+    if LABEL_INDEX in batch:  # the label positions, found on the host: no host-device sync here
+        index = batch[LABEL_INDEX]
+        targets = labels.reshape(-1).index_select(0, index)
+    else:
+        mask = labels != IGNORE
+        index = mask.reshape(-1).nonzero().squeeze(1)
+        targets = labels[mask]
+    rows, cols = index // labels.shape[1], index % labels.shape[1]  # (batch, position) of each label
     parts = _backbone_and_head(model)
     if parts is None:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-        logits = logits[mask]  # (N, V)
+        logits = model(**model_inputs(batch)).logits[rows, cols]  # (N, V)
     else:
         backbone, head = parts
-        hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        logits = head(hidden[:, :-1][mask])  # (N, V): the head only where a label exists
-    loss = F.cross_entropy(logits.float(), labels[mask], reduction="sum", label_smoothing=label_smoothing)
-    return loss, n_tokens
+        hidden = backbone(**model_inputs(batch)).last_hidden_state
+        logits = head(hidden[rows, cols])  # (N, V): the head only where a label exists
+    loss = F.cross_entropy(logits.float(), targets, reduction="sum", label_smoothing=label_smoothing)
+    return loss, int(index.numel())
+
+
+LABEL_INDEX = "label_index"
+"""Batch key: flat positions of the shifted labels (B x (T-1)) that carry a loss, computed on the host."""
+
+
+def with_label_index(batch: dict[str, torch.Tensor], task: str) -> dict[str, torch.Tensor]:
+    """A causal-LM batch (still on the host) with its label positions, so that the loss on the device needs no
+    host-device synchronisation (a boolean mask's positions on the device must be read back to size the result)."""
+    if task == "classification":
+        return batch
+    index = (batch["labels"][:, 1:] != IGNORE).reshape(-1).nonzero().squeeze(1)
+    return {**batch, LABEL_INDEX: index}
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The model's keyword arguments for a batch: ids and attention mask, or for a packed batch (`position_ids`,
+    restarting at 0 for each example) the position ids and no mask: transformers then keeps every example's
+    attention to itself (a block-diagonal causal mask; flash-attention's variable-length kernel)."""
+    if "position_ids" in batch:
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
 def classification_loss(
@@ -75,6 +103,13 @@ def batch_loss(
     if task == "classification":
         return classification_loss(model, batch, label_smoothing)
     return causal_lm_loss(model, batch, label_smoothing)
+
+
+def example_label_count(example: Example, task: str) -> int:
+    """`label_count` of one example (a batch's count is the sum over its examples: padding carries no label)."""
+    if task == "classification":
+        return 1
+    return sum(label != IGNORE for label in example.labels[1:])
 
 
 def label_count(batch: dict[str, torch.Tensor], task: str) -> int:
