@@ -119,6 +119,9 @@ def _friendly(func: Callable[..., Any]) -> Callable[..., Any]:
             if _state["debug"]:
                 raise
             text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            if type(e).__name__ == "OutOfMemoryError":  # torch's, on a GPU: the input is too big, not a bug
+                less = "a smaller --batch-size or --max-length, --gradient-checkpointing, or --load-in-8bit"
+                raise _error(f"out of memory: {text}; try {less}", EXIT_CHECK_FAILED) from None
             raise _error(
                 f"unexpected {type(e).__name__}: {text} (a lorakit bug, or an input it does not check yet; "
                 "`lorakit --debug ...` shows the traceback)",

@@ -21,9 +21,13 @@ from ..errors import LorakitError
 FLASH = "flash_attention_2"
 
 
+def flash_installed() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
 def flash_problem(device: torch.device, precision: str) -> str | None:
     """Why flash_attention_2 cannot run here (None: it can)."""
-    if importlib.util.find_spec("flash_attn") is None:
+    if not flash_installed():
         return "the flash-attn package is not installed (pip install flash-attn --no-build-isolation)"
     if device.type != "cuda":
         return "it needs a CUDA GPU and this run is on the CPU"

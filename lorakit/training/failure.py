@@ -111,7 +111,7 @@ def _claim(store: Any, world: World, code: int) -> None:
 
 def fail_point(name: str, world: World) -> None:
     """A test hook: `LORAKIT_FAIL_AT=RANK:NAME` makes that rank fail here with a LorakitError (a bad input found
-    by one rank only); `RANK:NAME:oom` raises a RuntimeError as an out-of-memory would."""
+    by one rank only); `RANK:NAME:oom` raises torch's OutOfMemoryError as a full GPU would."""
     spec = os.environ.get("LORAKIT_FAIL_AT")
     if not spec:
         return
@@ -119,5 +119,7 @@ def fail_point(name: str, world: World) -> None:
     if point != name or int(rank) != world.rank:
         return
     if kind == ["oom"]:
-        raise RuntimeError(f"CUDA out of memory (injected by LORAKIT_FAIL_AT at {name})")
+        import torch
+
+        raise torch.OutOfMemoryError(f"CUDA out of memory (injected by LORAKIT_FAIL_AT at {name})")
     raise LorakitError(f"injected failure at {name} (LORAKIT_FAIL_AT)", EXIT_BAD_INPUT)

@@ -618,10 +618,10 @@ def fit(run: Run, state: RunState) -> tuple[int, int | None]:
 
 def checked_loss(run: Run, tracker: LossTracker, saved_at: int | None) -> float:
     """The last step's loss, read from the device; a non-finite loss at any step so far stops the run."""
-    loss, first_bad = tracker.read()
+    loss, first_bad, bad_loss = tracker.read()
     if first_bad:
         message = diverged_message(
-            run.cfg, loss, first_bad, checkpoint_path(run, saved_at), before_any_update=first_bad == 1
+            run.cfg, bad_loss, first_bad, checkpoint_path(run, saved_at), before_any_update=first_bad == 1
         )
         raise TrainingDiverged(message, checkpoint_path(run, saved_at))
     return loss

@@ -22,6 +22,8 @@ class LossTracker:
         self.last: torch.Tensor = torch.full((), float("nan"), dtype=torch.float64, device=device)
         self.first_bad = torch.zeros((), dtype=torch.long, device=device)
         """The first step (1-based) whose loss was NaN or infinite; 0 while there is none."""
+        self.bad_value = torch.zeros((), dtype=torch.float64, device=device)
+        """That step's loss."""
 
     def add(self, step: int, loss_sum: torch.Tensor, n_labels: int) -> None:
         """Record step `step` (1-based): this rank's summed loss and the label tokens of the step on all ranks."""
@@ -33,8 +35,10 @@ class LossTracker:
         self.last = total / max(n_labels, 1)
         bad = (self.first_bad == 0) & ~torch.isfinite(self.last)
         self.first_bad = torch.where(bad, torch.full_like(self.first_bad, step), self.first_bad)
+        self.bad_value = torch.where(bad, self.last, self.bad_value)
 
-    def read(self) -> tuple[float, int]:
-        """(the last step's loss, the first step with a non-finite loss or 0): one host-device synchronisation."""
-        values = torch.stack([self.last, self.first_bad.to(torch.float64)]).tolist()
-        return values[0], int(values[1])
+    def read(self) -> tuple[float, int, float]:
+        """(the last step's loss, the first step with a non-finite loss or 0, that loss): one host-device
+        synchronisation."""
+        values = torch.stack([self.last, self.first_bad.to(torch.float64), self.bad_value]).tolist()
+        return values[0], int(values[1]), values[2]
