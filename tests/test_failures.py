@@ -47,7 +47,7 @@ def setup(tmp_path_factory) -> dict[str, Path]:
     ids=["rank0-bad-input", "rank1-oom"],
 )
 def test_a_failing_rank_ends_the_run_at_once_with_its_one_line_error(setup, spec, code, message):
-    root, out = setup["root"], setup["root"] / spec.replace(":", "-")
+    out = setup["root"] / spec.replace(":", "-")
     args = ["train", "--model", str(setup["model"]), "--data", str(setup["train"]), "--out", str(out)]
     args += ["--max-steps", "8", "--batch-size", "2", "--nproc", "2", "--threads", "1"]
     env = {**os.environ, "LORAKIT_FAIL_AT": spec, "OMP_NUM_THREADS": "1"}
