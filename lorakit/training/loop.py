@@ -263,9 +263,9 @@ def setup(cfg: TrainConfig, world: World, out: Path, console: Any) -> Run:
     optimizer = torch.optim.AdamW(
         params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay
     )
-    step_module: nn.Module = LossStep(model, cfg.task, cfg.label_smoothing)
     if cfg.compile:
-        step_module = compiling.compiled(step_module)
+        compiling.compile_blocks(model)
+    step_module: nn.Module = LossStep(model, cfg.task, cfg.label_smoothing)
     if world.distributed:
         from torch.nn.parallel import DistributedDataParallel
 
