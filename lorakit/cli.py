@@ -278,7 +278,7 @@ def _train_epilog(recipe_only: set[str]) -> str:
 Precision = Literal["fp32", "bf16", "fp16"]
 Task = Literal["causal-lm", "classification"]
 Scheduler = Literal["linear", "cosine", "constant"]
-AttnImplementation = Literal["eager", "sdpa", "flash_attention_2"]
+AttnImplementation = Literal["auto", "eager", "sdpa", "flash_attention_2"]
 
 
 # train and eval are long only by their option declarations (one per setting, with its help text); their
@@ -359,7 +359,7 @@ def train(
     ] = False,
     attn_implementation: Annotated[
         AttnImplementation | None,
-        typer.Option(help="Attention kernel. [default: the best available]"),
+        typer.Option(help="Attention kernel; auto: the best available. [default: auto]"),
     ] = None,
     compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the model's forward.")] = False,
     tf32: Annotated[

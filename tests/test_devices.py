@@ -100,6 +100,7 @@ def test_flash_attention_where_it_cannot_run_is_refused_and_never_the_default(mo
     assert attention.flash_problem(cpu, "bf16") == "it needs a CUDA GPU and this run is on the CPU"
     assert attention.flash_problem(CUDA0, "fp32").startswith("it runs in bf16 or fp16 only")
     assert attention.flash_problem(CUDA0, "bf16") is None
+    assert attention.resolve("auto", cpu, "bf16") is None
     assert attention.resolve(None, cpu, "bf16") is None  # transformers' default (sdpa where supported)
     assert attention.resolve("eager", cpu, "fp32") == "eager"
 

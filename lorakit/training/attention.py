@@ -5,7 +5,7 @@
 - flash_attention_2: the flash-attn package's kernels (CUDA, bf16 or fp16 only), with variable-length rows for
   `--packing` (no work spent on padding).
 
-Not given: flash_attention_2 where it can run (the package, a CUDA device, bf16/fp16, a model class that
+auto (the default): flash_attention_2 where it can run (the package, a CUDA device, bf16/fp16, a model class that
 supports it), else transformers' default for the model. Asked for and unable to run: one line, before loading.
 """
 
@@ -55,7 +55,7 @@ def resolve(asked: str | None, device: torch.device, precision: str, config: Any
         if problem:
             raise LorakitError(f"--attn-implementation {FLASH}: {problem}")
         return FLASH
-    if asked is not None:
+    if asked not in (None, "auto"):
         return asked
     if flash_problem(device, precision) is None and config is not None and supports_flash(config, task):
         return FLASH

@@ -22,7 +22,7 @@ from .reporting import parse_report_to
 Precision = Literal["fp32", "bf16", "fp16"]
 Task = Literal["causal-lm", "classification"]
 Scheduler = Literal["linear", "cosine", "constant"]
-AttnImplementation = Literal["eager", "sdpa", "flash_attention_2"]
+AttnImplementation = Literal["auto", "eager", "sdpa", "flash_attention_2"]
 
 
 @dataclass
@@ -48,9 +48,9 @@ class TrainConfig:
     """Recompute activations in the backward pass (non-reentrant) to save memory."""
     base_dropout: bool = False
     """Keep the base model's own dropout active while training (the paper's GPT-2 has none)."""
-    attn_implementation: AttnImplementation | None = None
+    attn_implementation: AttnImplementation = "auto"
     """Attention kernel: eager, sdpa (torch's scaled_dot_product_attention) or flash_attention_2 (the flash-attn
-    package, CUDA, bf16/fp16); None: the best available (flash_attention_2 where it can run, else transformers'
+    package, CUDA, bf16/fp16); auto: the best available (flash_attention_2 where it can run, else transformers'
     default for the model: sdpa where supported)."""
     compile: bool = False
     """`torch.compile` the model's forward (the first steps compile; later ones run faster on GPUs)."""
@@ -294,8 +294,6 @@ def _check_values(cfg: TrainConfig) -> list[str]:
         problems.append(f"report_to: {e}")
     if cfg.num_labels is not None and cfg.task != "classification":
         problems.append(f"num_labels: only for task classification, got task {cfg.task}")
-    attn = get_args(AttnImplementation)
-    need("attn_implementation", cfg.attn_implementation in (None, *attn), f"one of {', '.join(attn)}")
     if cfg.resume and cfg.overwrite:
         problems.append("resume and overwrite: choose one")
     problems += _best_and_early_stopping(cfg)
