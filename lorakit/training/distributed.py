@@ -136,25 +136,14 @@ def check_nproc(nproc: int | None) -> None:
         )
 
 
-def launch(nproc: int, argv: list[str], threads: int | None = None) -> int:
-    """Run `lorakit <argv>` in `nproc` processes through torchrun's launcher on this machine; returns the exit code
-    (the first failed process's).
-
-    Like `torchrun --standalone`: a rendezvous on a free local port, so two runs on one machine do not collide. A
-    process that fails ends the others (`failure.py`) and prints its own one-line error; the launcher adds none of
-    torchrun's failure report. Each process gets `threads` CPU threads (default: the cores shared out), set as
-    OMP_NUM_THREADS.
-    """
+def _elastic_launch(nproc: int, args: list[str]) -> None:
+    """`python ARGS` in `nproc` processes through torchrun's launcher (`torchrun --standalone`); the processes
+    inherit this one's environment."""
     import logging
     import uuid
 
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    check_nproc(nproc)
-    if threads:  # asked for on this command line: wins over the environment's setting
-        os.environ["OMP_NUM_THREADS"] = str(threads)
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the processes say what failed
     config = LaunchConfig(
         min_nodes=1,
@@ -166,8 +155,26 @@ def launch(nproc: int, argv: list[str], threads: int | None = None) -> int:
         max_restarts=0,
         monitor_interval=0.1,
     )
+    elastic_launch(config, sys.executable)(*args)
+
+
+def launch(nproc: int, argv: list[str], threads: int | None = None) -> int:
+    """Run `lorakit <argv>` in `nproc` processes through torchrun's launcher on this machine; returns the exit code
+    (the first failed process's).
+
+    Like `torchrun --standalone`: a rendezvous on a free local port, so two runs on one machine do not collide. A
+    process that fails ends the others (`failure.py`) and prints its own one-line error; the launcher adds none of
+    torchrun's failure report. Each process gets `threads` CPU threads (default: the cores shared out), set as
+    OMP_NUM_THREADS.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    check_nproc(nproc)
+    if threads:  # asked for on this command line: wins over the environment's setting
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     try:
-        elastic_launch(config, sys.executable)("-m", "lorakit", *without_nproc(argv))
+        _elastic_launch(nproc, ["-m", "lorakit", *without_nproc(argv)])
     except ChildFailedError as e:
         first = min(e.failures.values(), key=lambda f: (f.exitcode < 0, f.timestamp))  # an error before a kill
         code = first.exitcode
