@@ -569,7 +569,7 @@ def fit(run: Run, state: RunState) -> tuple[int, int | None]:
     left = evals_left(cfg, run.total_steps, run.eval_encoded is not None)
     start_cuda_peak(run.device)  # the training's peak, not the base evaluation's
     tracker = LossTracker(run.world, run.device)
-    loss, interval_tokens, interval_start = math.nan, 0, time.perf_counter()
+    loss, tokens_per_s, interval_tokens, interval_start = math.nan, 0.0, 0, time.perf_counter()
     with StopFlag() as stop, _progress(run.console, run.total_steps, state.step, left) as progress:
         run.progress = progress
         if base_eval_seconds is not None:
@@ -587,9 +587,7 @@ def fit(run: Run, state: RunState) -> tuple[int, int | None]:
                 record = {"step": state.step, "epoch": round(state.epoch + state.batch / run.batches_per_epoch, 4)}
                 record.update(loss=loss, lr=lr, tokens_per_s=round(tokens_per_s, 1))
                 run.log.write({**record, **memory_record(run.device)})
-                progress.update(state.step, loss, lr, tokens_per_s, time.perf_counter() - t0)
-            else:
-                progress.step_seconds.append(time.perf_counter() - t0)
+            progress.update(state.step, loss, lr, tokens_per_s, time.perf_counter() - t0)  # as of the last log
             if run.world.distributed:  # every rank must stop at the same step
                 stop.requested = all_sum(run.world, float(stop.requested))[0] > 0
             if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < run.total_steps:
