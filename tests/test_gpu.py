@@ -104,23 +104,34 @@ def test_a_4bit_base_trains_on_the_gpu(files, tmp_path):
 
 
 def test_no_host_device_sync_between_logging_steps(files, tmp_path, monkeypatch):
-    """torch's sync debug mode turns any synchronisation inside a training step (after the first, which sets up
-    AdamW's state) into an error; the loss is read at logging steps only."""
+    """torch's sync debug mode reports every host-device synchronisation inside a training step (after the first,
+    which sets up AdamW's state) as a warning with the Python line that caused it: none is lorakit's (the loss is
+    read at logging steps only, outside the step). transformers' own mask code may synchronise; that is not
+    counted here."""
+    import warnings
+
     original = loop.train_step
-    calls = []
+    calls, caught = [], []
 
-    def strict(run_, state, stream, lr, tracker):
+    def watched(run_, state, stream, lr, tracker):
         calls.append(state.step)
-        if len(calls) > 1:
-            torch.cuda.set_sync_debug_mode("error")
-        try:
+        if len(calls) == 1:
             return original(run_, state, stream, lr, tracker)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                return original(run_, state, stream, lr, tracker)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+                caught.extend(w for w in seen if "synchroniz" in str(w.message))
 
-    monkeypatch.setattr(loop, "train_step", strict)
+    monkeypatch.setattr(loop, "train_step", watched)
     result = run(tmp_path, model=str(files["llama"]), data=str(files["train"]), max_steps=6, log_every=3)
     assert result.steps == 6 and len(calls) == 6
+    package = os.path.dirname(lorakit.__file__)
+    ours = [f"{w.filename}:{w.lineno}" for w in caught if os.path.abspath(w.filename).startswith(package)]
+    assert not ours, ours
 
 
 def test_tf32_is_on_for_fp32_and_off_with_no_tf32(files, tmp_path):
