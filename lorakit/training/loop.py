@@ -569,7 +569,7 @@ def fit(run: Run, state: RunState) -> tuple[int, int | None]:
     left = evals_left(cfg, run.total_steps, run.eval_encoded is not None)
     start_cuda_peak(run.device)  # the training's peak, not the base evaluation's
     tracker = LossTracker(run.world, run.device)
-    loss, tokens_per_s, interval_tokens, interval_start = math.nan, 0.0, 0, time.perf_counter()
+    loss, tokens_per_s, interval_tokens, interval_seconds = math.nan, 0.0, 0, 0.0  # since the last log line
     with StopFlag() as stop, _progress(run.console, run.total_steps, state.step, left) as progress:
         run.progress = progress
         if base_eval_seconds is not None:
@@ -582,8 +582,12 @@ def fit(run: Run, state: RunState) -> tuple[int, int | None]:
             interval_tokens += tokens
             if state.step % cfg.log_every == 0 or state.step == run.total_steps:
                 loss = checked_loss(run, tracker, saved_at)  # the loss is read here only (a host-device sync)
-                tokens_per_s = interval_tokens / max(time.perf_counter() - interval_start, 1e-9)
-                interval_tokens, interval_start = 0, time.perf_counter()
+                # the steps' time since the last log line (evaluations excluded), up to the device's finishing them
+                seconds = interval_seconds + time.perf_counter() - t0
+                tokens_per_s = interval_tokens / max(seconds, 1e-9)
+                interval_tokens, interval_seconds = 0, 0.0
+            else:
+                interval_seconds += time.perf_counter() - t0
                 record = {"step": state.step, "epoch": round(state.epoch + state.batch / run.batches_per_epoch, 4)}
                 record.update(loss=loss, lr=lr, tokens_per_s=round(tokens_per_s, 1))
                 run.log.write({**record, **memory_record(run.device)})
