@@ -586,11 +586,11 @@ def fit(run: Run, state: RunState) -> tuple[int, int | None]:
                 seconds = interval_seconds + time.perf_counter() - t0
                 tokens_per_s = interval_tokens / max(seconds, 1e-9)
                 interval_tokens, interval_seconds = 0, 0.0
-            else:
-                interval_seconds += time.perf_counter() - t0
                 record = {"step": state.step, "epoch": round(state.epoch + state.batch / run.batches_per_epoch, 4)}
                 record.update(loss=loss, lr=lr, tokens_per_s=round(tokens_per_s, 1))
                 run.log.write({**record, **memory_record(run.device)})
+            else:
+                interval_seconds += time.perf_counter() - t0
             progress.update(state.step, loss, lr, tokens_per_s, time.perf_counter() - t0)  # as of the last log
             if run.world.distributed:  # every rank must stop at the same step
                 stop.requested = all_sum(run.world, float(stop.requested))[0] > 0

@@ -44,28 +44,31 @@ def causal_lm_loss(
         batch: input_ids, attention_mask, labels (B, T); labels are IGNORE where no loss is taken.
         label_smoothing: epsilon of label smoothing.
     """
-    labels = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
-    if LABEL_INDEX in batch:  # the label positions, found on the host: no host-device sync here
-        index = batch[LABEL_INDEX]
-        targets = labels.reshape(-1).index_select(0, index)
-    else:
-        mask = labels != IGNORE
-        index = mask.reshape(-1).nonzero().squeeze(1)
-        targets = labels[mask]
-    rows, cols = index // labels.shape[1], index % labels.shape[1]  # (batch, position) of each label
+    labels = batch["labels"]
+    # Flat positions in (B x T) that predict a label (position t predicts token t+1), and those labels.
+    index = batch[LABEL_INDEX] if LABEL_INDEX in batch else label_positions(labels)
+    targets = labels.reshape(-1).index_select(0, index + 1)
     parts = _backbone_and_head(model)
     if parts is None:
-        logits = model(**model_inputs(batch)).logits[rows, cols]  # (N, V)
+        logits = model(**model_inputs(batch)).logits
+        logits = logits.reshape(-1, logits.shape[-1]).index_select(0, index)  # (N, V)
     else:
         backbone, head = parts
         hidden = backbone(**model_inputs(batch)).last_hidden_state
-        logits = head(hidden[rows, cols])  # (N, V): the head only where a label exists
+        logits = head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, index))  # the head only where labels are
     loss = F.cross_entropy(logits.float(), targets, reduction="sum", label_smoothing=label_smoothing)
     return loss, int(index.numel())
 
 
+def label_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Flat positions in (B x T) of the tokens whose next token carries a loss (never a row's last position)."""
+    predicts = torch.zeros_like(labels, dtype=torch.bool)
+    predicts[:, :-1] = labels[:, 1:] != IGNORE
+    return predicts.reshape(-1).nonzero().squeeze(1)
+
+
 LABEL_INDEX = "label_index"
-"""Batch key: flat positions of the shifted labels (B x (T-1)) that carry a loss, computed on the host."""
+"""Batch key: `label_positions` of the batch, computed on the host."""
 
 
 def with_label_index(batch: dict[str, torch.Tensor], task: str) -> dict[str, torch.Tensor]:
@@ -73,8 +76,7 @@ def with_label_index(batch: dict[str, torch.Tensor], task: str) -> dict[str, tor
     host-device synchronisation (a boolean mask's positions on the device must be read back to size the result)."""
     if task == "classification":
         return batch
-    index = (batch["labels"][:, 1:] != IGNORE).reshape(-1).nonzero().squeeze(1)
-    return {**batch, LABEL_INDEX: index}
+    return {**batch, LABEL_INDEX: label_positions(batch["labels"])}
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
