@@ -83,9 +83,10 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
     """The model's keyword arguments for a batch: ids and attention mask, or for a packed batch (`position_ids`,
     restarting at 0 for each example) the position ids and no mask: transformers then keeps every example's
     attention to itself (a block-diagonal causal mask; flash-attention's variable-length kernel)."""
+    # No KV cache: nothing reuses it, and a cache object per layer makes torch.compile recompile for every layer.
     if "position_ids" in batch:
         return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
 
 
 def classification_loss(
