@@ -11,7 +11,7 @@ VENV_OLDEST := .venv-oldest
 PY_OLDEST   := $(VENV_OLDEST)/bin/python
 OLDEST      := tests/constraints-oldest.txt
 
-.PHONY: setup test test-oldest test-llamacpp demo lint clean
+.PHONY: setup test test-oldest test-llamacpp demo lint clean gpu-check gpu-check-run
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,16 @@ test-oldest: $(VENV_OLDEST)/.installed
 test-llamacpp: setup
 	$(PIP) install --quiet -e ".[llamacpp]"
 	$(PY) -m pytest -q -s -m llamacpp tests/test_llamacpp.py
+
+# On an NVIDIA GPU: the gpu-marked tests, then one epoch of SmolLM2 on E2E on the GPU (lorakit, --packing, --compile,
+# TRL + PEFT), in one table (bench/results/gpu_check.md); under 8 minutes on one H100/H200 once installed.
+# gpu-check-run skips the installs: make gpu-check-run PY=python uses an environment prepared by hand.
+gpu-check: setup
+	$(PIP) install --quiet -e ".[bench]"
+	$(MAKE) gpu-check-run PY=$(PY)
+
+gpu-check-run:
+	$(PY) bench/gpu_check.py
 
 # The main job: fine-tune the packaged SmolLM2-135M on the built-in demo task, then a before/after evaluation.
 demo: setup

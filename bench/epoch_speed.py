@@ -53,7 +53,14 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "smollm2-e2e.yaml"
 DATA = str(ROOT.parent / "shared" / "data" / "e2e" / "trainset.csv")  # ../shared beside the checkout
-SYSTEMS = {"lorakit": "lorakit CLI", "trl": "TRL SFTTrainer + PEFT"}
+SYSTEMS = {
+    "lorakit": "lorakit CLI",
+    "lorakit-packing": "lorakit --packing",
+    "lorakit-compile": "lorakit --compile",
+    "trl": "TRL SFTTrainer + PEFT",
+}
+VARIANTS = {"lorakit": {}, "lorakit-packing": {"packing": True}, "lorakit-compile": {"compile": True}}
+"""lorakit's systems: the train options each adds to the recipe's."""
 NO_SAVE = 1_000_000_000  # --save-every for lorakit: no checkpoint inside the epoch (one is written after it)
 LOSS_TOLERANCE = 0.02
 
@@ -62,7 +69,7 @@ LOSS_TOLERANCE = 0.02
 # The lorakit configuration both systems follow
 
 
-def lorakit_flags(args: argparse.Namespace) -> dict[str, Any]:
+def lorakit_flags(args: argparse.Namespace, system: str = "lorakit") -> dict[str, Any]:
     """The train options given on lorakit's command line on top of the recipe (no --out / --overwrite)."""
     return {
         "data": args.data,
@@ -71,22 +78,25 @@ def lorakit_flags(args: argparse.Namespace) -> dict[str, Any]:
         "limit": args.rows,
         "eval_data": "",  # the recipe names a hub eval set (unreachable offline); empty: no evaluation
         "save_every": NO_SAVE,
+        **VARIANTS.get(system, {}),
     }
 
 
-def lorakit_command(args: argparse.Namespace, out: Path) -> list[str]:
+def lorakit_command(args: argparse.Namespace, out: Path, system: str = "lorakit") -> list[str]:
     """`lorakit train ...` arguments (after the program name)."""
     argv = ["train", str(RECIPE)]
-    for key, value in lorakit_flags(args).items():
-        argv += [f"--{key.replace('_', '-')}", str(value)]
+    for key, value in lorakit_flags(args, system).items():
+        flag = f"--{key.replace('_', '-')}"
+        argv += [flag] if value is True else [flag, str(value)]
     return [*argv, "--out", str(out), "--overwrite"]
 
 
-def lorakit_config(args: argparse.Namespace, out: Path | None = None) -> Any:
+def lorakit_config(args: argparse.Namespace, out: Path | None = None, system: str = "lorakit") -> Any:
     """The TrainConfig the command line above resolves to."""
     from lorakit.training.config import build_config, read_recipe
 
-    flags = lorakit_flags(args) if out is None else {**lorakit_flags(args), "out": str(out), "overwrite": True}
+    flags = lorakit_flags(args, system)
+    flags = flags if out is None else {**flags, "out": str(out), "overwrite": True}
     return build_config(read_recipe(RECIPE), flags, source=str(RECIPE))
 
 
@@ -112,6 +122,11 @@ def lorakit_batches(encoded: Any, cfg: Any) -> list[list[int]]:
     from lorakit.training.data import batch_order
 
     return batch_order([len(e.input_ids) for e in encoded.examples], cfg.batch_size, cfg.seed, 0)
+
+
+def ampere() -> bool:
+    """A CUDA GPU with TF32 (compute capability 8.0 or newer)."""
+    return torch.cuda.is_available() and torch.cuda.get_device_capability(0) >= (8, 0)
 
 
 def padded_tokens(lengths: list[int], batches: list[list[int]]) -> int:
@@ -166,19 +181,29 @@ def worker_lorakit(args: argparse.Namespace) -> dict[str, Any]:
     logging.set_verbosity_error()
     meter, out = Meter(), Path(args.out)
     console = common.loop_console(meter.begin, meter.end)
-    train(lorakit_config(args, out), console=console)
+    cfg = lorakit_config(args, out, args.worker)
+    train(cfg, console=console)
     if console.loops != 1:
         raise SystemExit(f"expected one progress display around lorakit's training loop, saw {console.loops}")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
-    return {
+    result = {
         **meter.result,
         "steps": len(steps),
         "losses": [r["loss"] for r in steps],
         "lrs": [r["lr"] for r in steps],
-        "command": ["lorakit", *lorakit_command(args, out)],
+        "tokens_per_s": [r["tokens_per_s"] for r in steps],
+        "command": ["lorakit", *lorakit_command(args, out, args.worker)],
         "adapter": str(out / "adapter.safetensors"),
     }
+    if cfg.packing:  # the rows it trained on: packed examples
+        from lorakit.training.packing import pack
+
+        packed = pack(lorakit_encoding(cfg), cfg.max_length)
+        result["padded_tokens"] = padded_tokens(
+            [len(e.input_ids) for e in packed.examples], lorakit_batches(packed, cfg)
+        )
+    return result
 
 
 def trl_rows(cfg: Any, tokenizer: Any) -> list[dict[str, Any]]:
@@ -254,6 +279,7 @@ def build_trl(args: argparse.Namespace, cfg: Any, encoded: Any, out: Path, callb
         padding_free=False,
         bf16=False,  # TRL's default is bf16 autocast; lorakit's recipe trains in fp32
         fp16=False,
+        tf32=True if ampere() else None,  # as lorakit's fp32 on such a GPU (--no-tf32 turns it off)
         train_sampling_strategy="sequential" if args.trl_sampler == "lorakit" else args.trl_sampler,
         logging_strategy="steps",
         logging_steps=1,
@@ -359,7 +385,7 @@ def worker_trl(args: argparse.Namespace) -> dict[str, Any]:
 
 def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    result = worker_lorakit(args) if args.worker == "lorakit" else worker_trl(args)
+    result = worker_trl(args) if args.worker == "trl" else worker_lorakit(args)
     result.update(system=args.worker, threads=torch.get_num_threads())
     Path(args.result).write_text(json.dumps(result) + "\n")
 
@@ -423,7 +449,10 @@ def summarize(system: str, runs: list[dict[str, Any]], data: dict[str, Any]) -> 
     seconds = [r["epoch_s"] for r in runs]
     median_s = statistics.median(seconds)
     first = runs[0]
-    padded = first.get("padded_tokens", data["lorakit_padded_tokens"] if system == "lorakit" else None)
+    same_batches = system in ("lorakit", "lorakit-compile")
+    padded = first.get("padded_tokens", data["lorakit_padded_tokens"] if same_batches else None)
+    rates = first.get("tokens_per_s") or []
+    steady = statistics.median(rates[len(rates) // 2 :]) if len(rates) >= 2 else None
     return {
         "system": system,
         "label": SYSTEMS[system],
@@ -435,6 +464,7 @@ def summarize(system: str, runs: list[dict[str, Any]], data: dict[str, Any]) -> 
         "steps": first["steps"],
         "real_tokens": data["real_tokens"],
         "real_tokens_per_s": data["real_tokens"] / median_s,
+        "steady_tokens_per_s": steady,
         "padded_tokens": padded,
         "padding_share": 1 - data["real_tokens"] / padded if padded else None,
         "peak_mb": max(r["peak_mb"] for r in runs),
@@ -447,7 +477,8 @@ def summarize(system: str, runs: list[dict[str, Any]], data: dict[str, Any]) -> 
 
 
 def table(summary: list[dict[str, Any]], data: dict[str, Any], args: argparse.Namespace) -> tuple[str, list, list]:
-    columns = ["system", "epoch s", "real tokens", "real tok/s", "padded tokens", "padding", "peak RSS MiB"]
+    columns = ["system", "epoch s", "real tokens", "real tok/s", "2nd-half tok/s", "padded tokens", "padding"]
+    columns += ["peak RSS MiB"]
     columns += ["peak in epoch MiB", "RSS at start MiB", "steps", "first loss", "mean loss", "last-10% loss"]
     rows = []
     for s in summary:
@@ -458,6 +489,7 @@ def table(summary: list[dict[str, Any]], data: dict[str, Any], args: argparse.Na
                 f"{s['epoch_s']:.1f}" + (f" ({runs})" if s["rounds"] > 1 else ""),
                 f"{s['real_tokens']:,}",
                 f"{s['real_tokens_per_s']:.0f}",
+                f"{s['steady_tokens_per_s']:.0f}" if s.get("steady_tokens_per_s") else "-",
                 f"{s['padded_tokens']:,}" if s["padded_tokens"] else "-",
                 f"{s['padding_share']:.1%}" if s["padding_share"] is not None else "-",
                 f"{s['peak_mb']:.0f}",
@@ -574,7 +606,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = common.parser(__doc__, threads=None, seed=False)
     p.add_argument("--rows", type=int, default=2000, help="first N rows of the CSV (default 2000; --quick: 16)")
     p.add_argument("--data", default=DATA, help=f"the E2E training CSV, columns mr, ref (default {DATA})")
-    p.add_argument("--systems", default="lorakit,trl", help="comma-separated, in running order: lorakit, trl")
+    p.add_argument(
+        "--systems",
+        default="lorakit,trl",
+        help="comma-separated, in running order: lorakit, lorakit-packing, lorakit-compile, trl",
+    )
     p.add_argument("--repeats", type=int, default=1, help="rounds of every system")
     p.add_argument(
         "--order",
@@ -630,7 +666,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
         check_only(args)
         return
-    info = common.start(args)
+    info = common.start(args, device="cuda" if torch.cuda.is_available() else "cpu")
     data = dataset_facts(args)
     print(
         f"data: {data['examples']:,} examples, {data['real_tokens']:,} real tokens, {data['steps']} steps of 8",
@@ -641,7 +677,7 @@ def main(argv: list[str] | None = None) -> None:
         runs[system].append(run_worker(args, system, round_))
     for system in args.systems:
         for r in runs[system]:
-            if r["steps"] != data["steps"]:
+            if r["steps"] != data["steps"] and system != "lorakit-packing":  # packed rows: fewer steps
                 raise SystemExit(f"{system} logged {r['steps']} steps, expected {data['steps']}")
     commands = {"lorakit": ["lorakit", *lorakit_command(args, Path(args.work) / "lorakit-r1")]}
     if "trl" in runs:
@@ -650,6 +686,9 @@ def main(argv: list[str] | None = None) -> None:
         if seen != data["real_tokens"]:
             print(f"warning: TRL's batches held {seen:,} real tokens, lorakit's encoding {data['real_tokens']:,}")
         commands["lorakit_import_trl_adapter"] = runs["trl"][0]["import_command"]
+    for system in args.systems:
+        if system != "lorakit" and system in VARIANTS:
+            commands[system] = ["lorakit", *lorakit_command(args, Path(args.work) / f"{system}-r1", system)]
     summary = [summarize(s, runs[s], data) for s in args.systems]
     table_ = table(summary, data, args)
     common.finish(args, info, *table_, summary, notes(summary, data, args), data=data, commands=commands, runs=runs)

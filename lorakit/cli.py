@@ -11,7 +11,6 @@ import errno
 import functools
 import json
 import logging
-import os
 import sys
 import textwrap
 import warnings
@@ -84,8 +83,11 @@ def _main(
 
 
 def _error(message: str, code: int) -> typer.Exit:
-    if os.environ.get("RANK", "0") == "0":  # in a distributed run, one line from rank 0
-        typer.echo(f"error: {message}", err=True)
+    from .training.failure import error_prefix
+
+    prefix = error_prefix()  # a distributed run: one line, from the rank that failed first
+    if prefix is not None:
+        typer.echo(f"error: {prefix}{message}", err=True)
     return typer.Exit(code)
 
 
@@ -117,6 +119,9 @@ def _friendly(func: Callable[..., Any]) -> Callable[..., Any]:
             if _state["debug"]:
                 raise
             text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            if type(e).__name__ == "OutOfMemoryError":  # torch's, on a GPU: the input is too big, not a bug
+                less = "a smaller --batch-size or --max-length, --gradient-checkpointing, or --load-in-8bit"
+                raise _error(f"out of memory: {text}; try {less}", EXIT_CHECK_FAILED) from None
             raise _error(
                 f"unexpected {type(e).__name__}: {text} (a lorakit bug, or an input it does not check yet; "
                 "`lorakit --debug ...` shows the traceback)",
@@ -274,6 +279,7 @@ Precision = Literal["fp32", "bf16", "fp16"]
 Task = Literal["causal-lm", "classification"]
 Scheduler = Literal["linear", "cosine", "constant"]
 QuantType = Literal["nf4", "fp4"]
+AttnImplementation = Literal["auto", "eager", "sdpa", "flash_attention_2"]
 
 
 # train and eval are long only by their option declarations (one per setting, with its help text); their
@@ -349,6 +355,17 @@ def train(
     base_dropout: Annotated[
         bool, typer.Option("--base-dropout/--no-base-dropout", help="Keep the base model's own dropout on.")
     ] = False,
+    packing: Annotated[
+        bool, typer.Option("--packing/--no-packing", help="Several examples per row, no padding (causal-lm).")
+    ] = False,
+    attn_implementation: Annotated[
+        AttnImplementation | None,
+        typer.Option(help="Attention kernel; auto: the best available. [default: auto]"),
+    ] = None,
+    compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the model's forward.")] = False,
+    tf32: Annotated[
+        bool, typer.Option("--tf32/--no-tf32", help="TF32 matmuls for fp32 on Ampere+ GPUs. [default: on]")
+    ] = True,
     seed: Annotated[int | None, typer.Option(help="Random seed (same seed, same run).")] = None,
     out: Annotated[str | None, typer.Option(help="Run folder. [default: runs/<date>-<time>]")] = None,
     save_every: Annotated[

@@ -104,6 +104,7 @@ def write_demo_data(folder: Path, n_train: int = 480, n_eval: int = 48) -> tuple
 
 def before_after_examples(adapter: Path, eval_path: Path, n: int = 2, max_new_tokens: int = 48) -> list[dict[str, str]]:
     """Greedy generations of the base and of the trained adapter for the first `n` demo eval prompts."""
+    from .devices import best_device
     from .evaluation.evaluate import GenerateOptions, generate, prompt_groups
     from .lora.adapter import load_adapter
     from .models import load_base, load_tokenizer
@@ -113,7 +114,7 @@ def before_after_examples(adapter: Path, eval_path: Path, n: int = 2, max_new_to
     tokenizer = load_tokenizer(None)
     rows = read_rows(spec)
     groups = prompt_groups(rows, encode(rows, tokenizer, 512, spec), spec.completion_field, tokenizer)
-    model = load_base(None)
+    model = load_base(None, device=best_device())  # the GPU when there is one
     options = GenerateOptions(max_new_tokens=max_new_tokens, stop="\n")
     before = generate(model, tokenizer, [g.prompt_ids for g in groups], options)
     load_adapter(model, adapter)

@@ -255,6 +255,7 @@ def load_base(
     pad_token_id: int | None = None,
     allow_pickle: bool = False,
     load_in_4bit: str | None = None,
+    attn_implementation: str | None = None,
 ) -> nn.Module:
     """Load a pretrained model in eval mode.
 
@@ -267,11 +268,13 @@ def load_base(
         num_labels: classes of a new classification head.
         model_class: a transformers class name to load with (what an adapter records as `base_class`).
         load_in_8bit: quantize the linear layers to 8 bits with bitsandbytes (`Linear8bitLt`), on `device`.
-        device: where an 8-bit or 4-bit model is placed as it loads (other models load on the CPU).
+        device: where the model is placed as it loads: an 8-bit or 4-bit model, or any model on a CUDA device
+            (each rank's weights go straight to its own GPU); otherwise the model loads on the CPU.
         pad_token_id: set in the config when it has none (a decoder classifier finds each row's last token by it).
         allow_pickle: load a base stored only as pickled `pytorch_model.bin`.
         load_in_4bit: `nf4` or `fp4`: quantize the linear layers of the blocks to 4 bits with bitsandbytes
             (`Linear4bit`, double quantization, computing in `dtype`), on `device`.
+        attn_implementation: eager, sdpa or flash_attention_2 (None: transformers' default for the model).
     """
     if load_in_8bit and load_in_4bit:
         raise LorakitError("--load-in-4bit and --load-in-8bit: choose one")
@@ -292,9 +295,13 @@ def load_base(
     extra: dict[str, Any] = _hub_options(source)
     if load_in_8bit:
         extra.update(eight_bit_options(device or torch.device("cpu")))
-    if load_in_4bit:
+    elif load_in_4bit:
         compute = torch_dtype if isinstance(torch_dtype, torch.dtype) else torch.float32
         extra.update(four_bit_options(device or torch.device("cpu"), load_in_4bit, compute))
+    elif device is not None and device.type == "cuda":
+        extra["device_map"] = {"": device}  # straight onto the GPU, never a full copy in host memory first
+    if attn_implementation:
+        extra["attn_implementation"] = attn_implementation
     try:
         model, info = cls.from_pretrained(
             source,
@@ -323,6 +330,7 @@ def meta_base(
     trust_remote_code: bool = False,
     num_labels: int | None = None,
     pad_token_id: int | None = None,
+    attn_implementation: str | None = None,
 ) -> nn.Module:
     """The model `load_base` returns for the same arguments, built from its config on the meta device: the same
     modules, shapes and dtypes, no weights read and no memory (`--fsdp` ranks other than 0 fill in their shards)."""
@@ -337,7 +345,8 @@ def meta_base(
     cls = _model_class(config, task)
     with torch.device("meta"):
         build = cls.from_config if hasattr(cls, "from_config") else cls._from_config  # Auto* or a model class
-        model = build(config, dtype=torch_dtype if isinstance(torch_dtype, torch.dtype) else None)
+        options: dict[str, Any] = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        model = build(config, dtype=torch_dtype if isinstance(torch_dtype, torch.dtype) else None, **options)
     model.eval()
     model.lorakit_new_params = []
     model.config._name_or_path = base_name(None if name == PACKAGED else name)

@@ -42,7 +42,9 @@ def train_table(result: TrainResult) -> Table:
         table.add_row("steps", f"{result.steps}{early}{resumed}")
         processes = f" on {result.world_size} processes" if result.world_size > 1 else ""
         table.add_row("time", f"{result.seconds:.1f} s{processes}")
-        table.add_row("peak memory", f"{result.peak_memory_mb:,.0f} MiB")
+        reserved = getattr(result, "peak_reserved_mb", None)  # CUDA: also what the caching allocator held
+        held = f" allocated, {reserved:,.0f} MiB reserved" if reserved is not None else ""
+        table.add_row("peak memory", f"{result.peak_memory_mb:,.0f} MiB{held}")
     if result.train_loss is not None:
         table.add_row("final train loss", f"{result.train_loss:.4f}")
     if result.eval_loss is not None and result.first_eval_loss is not None:

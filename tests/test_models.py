@@ -412,12 +412,19 @@ def test_threads_option(monkeypatch, tmp_path, models, data, gpt2_adapter, resto
 
 def test_launch_gives_each_process_its_threads(monkeypatch):
     calls = []
-    monkeypatch.setattr(lorakit.training.distributed.subprocess, "call", lambda cmd, env: calls.append(env) or 0)
+
+    def launched(nproc, args):
+        calls.append({"OMP_NUM_THREADS": lorakit.training.distributed.os.environ["OMP_NUM_THREADS"], "args": args})
+
+    monkeypatch.setattr(lorakit.training.distributed, "_elastic_launch", launched)
     monkeypatch.setenv("OMP_NUM_THREADS", "8")
     lorakit.training.distributed.launch(2, ["train", "--nproc", "2", "--threads", "1"], threads=1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "8")  # the launcher set 1 for the processes it started
     lorakit.training.distributed.launch(2, ["train", "--nproc", "2"])
     monkeypatch.delenv("OMP_NUM_THREADS")
     lorakit.training.distributed.launch(2, ["train", "--nproc", "2"])
+    monkeypatch.delenv("OMP_NUM_THREADS")  # the launcher's own setting goes at the end of the test too
+    assert calls[0]["args"] == ["-m", "lorakit", "train", "--threads", "1"]
     # --threads wins; else the environment's setting; else the cores shared out (which also silences torchrun)
     assert [env["OMP_NUM_THREADS"] for env in calls[:2]] == ["1", "8"]
     assert int(calls[2]["OMP_NUM_THREADS"]) >= 1

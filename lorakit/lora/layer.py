@@ -273,8 +273,8 @@ class LoRALayer(nn.Module):
 
     def _fusable(self, x: torch.Tensor) -> bool:
         """Whether `_LoRALinear` computes this call: a plain frozen nn.Linear / Conv1D base without hooks, the
-        input, base and LoRA in one dtype, no autocast. Otherwise (8-bit or bf16 bases under fp32 LoRA,
-        autocast) autograd runs over the same ops."""
+        input, base and LoRA in one dtype, no autocast, not under torch.compile. Otherwise (8-bit or bf16 bases
+        under fp32 LoRA, autocast, a compiled forward) autograd runs over the same ops."""
         base = self.base
         weight, bias = base.weight, getattr(base, "bias", None)
         return (
@@ -285,6 +285,7 @@ class LoRALayer(nn.Module):
             and not base._forward_hooks
             and not base._forward_pre_hooks
             and not _autocast_on(x.device.type)
+            and not torch.compiler.is_compiling()  # compiled: plain ops, which the compiler fuses (no graph break)
         )
 
     def delta_weight(self, index: int) -> torch.Tensor:

@@ -117,17 +117,27 @@ class Checkpoint:
     """Optimizer moments (`exp_avg.<i>`, `exp_avg_sq.<i>`) and RNG states (`[rank<r>.]rng.*`)."""
 
 
-def rng_state() -> dict[str, torch.Tensor]:
-    """Every torch RNG state (CPU and each CUDA device) as uint8 tensors."""
+def rng_state(device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """The CPU's torch RNG state and, on a CUDA run, the state of this process's own GPU (`device`; default: the
+    current CUDA device), as uint8 tensors. One GPU's state per process: a resume on a machine that shows another
+    number of GPUs restores it on the GPU that process then has."""
     states = {"rng.cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            states[f"rng.cuda.{i}"] = s
+    if device is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device is not None and device.type == "cuda":
+        states["rng.cuda"] = torch.cuda.get_rng_state(device)
     return states
 
 
-def set_rng_state(tensors: dict[str, torch.Tensor], rank: int = 0, where: Path | str = "checkpoint") -> None:
-    """Restore the generators saved for `rank` (`rank{r}.rng.*`; single-process checkpoints: `rng.*`)."""
+def set_rng_state(
+    tensors: dict[str, torch.Tensor],
+    rank: int = 0,
+    where: Path | str = "checkpoint",
+    device: torch.device | None = None,
+) -> None:
+    """Restore the generators saved for `rank` (`rank{r}.rng.*`; single-process checkpoints: `rng.*`): the CPU's, and
+    the saved GPU state on this process's GPU (`device`; default: the current CUDA device). Checkpoints of lorakit
+    0.1 hold every visible GPU's state (`rng.cuda.N`): the one of this process's GPU index is restored."""
     prefix = f"rank{rank}." if f"rank{rank}.rng.cpu" in tensors else ""
     if f"{prefix}rng.cpu" not in tensors:
         raise LorakitError(f"{where}: no RNG state for rank {rank}; resume with the same number of processes")
@@ -137,12 +147,14 @@ def set_rng_state(tensors: dict[str, torch.Tensor], rank: int = 0, where: Path |
         raise LorakitError(
             f"{where}: the CPU RNG state is {cpu.dtype} {tuple(cpu.shape)}, expected uint8 {tuple(expected.shape)}"
         )
+    if device is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
     try:
         torch.set_rng_state(cpu)
-        cuda_prefix = f"{prefix}rng.cuda."
-        cuda = sorted((k for k in tensors if k.startswith(cuda_prefix)), key=lambda k: int(k.rsplit(".", 1)[1]))
-        if cuda and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+        if device is not None and device.type == "cuda":
+            gpu = tensors.get(f"{prefix}rng.cuda", tensors.get(f"{prefix}rng.cuda.{device.index or 0}"))
+            if gpu is not None:
+                torch.cuda.set_rng_state(gpu, device)
     except (RuntimeError, ValueError) as e:
         raise LorakitError(f"{where}: cannot restore the RNG state ({e})") from None
 

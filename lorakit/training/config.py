@@ -23,6 +23,7 @@ Precision = Literal["fp32", "bf16", "fp16"]
 Task = Literal["causal-lm", "classification"]
 Scheduler = Literal["linear", "cosine", "constant"]
 QuantType = Literal["nf4", "fp4"]
+AttnImplementation = Literal["auto", "eager", "sdpa", "flash_attention_2"]
 
 
 @dataclass
@@ -55,6 +56,18 @@ class TrainConfig:
     """Recompute activations in the backward pass (non-reentrant) to save memory."""
     base_dropout: bool = False
     """Keep the base model's own dropout active while training (the paper's GPT-2 has none)."""
+    attn_implementation: AttnImplementation = "auto"
+    """Attention kernel: eager, sdpa (torch's scaled_dot_product_attention) or flash_attention_2 (the flash-attn
+    package, CUDA, bf16/fp16); auto: the best available (flash_attention_2 where it can run, else transformers'
+    default for the model: sdpa where supported)."""
+    compile: bool = False
+    """`torch.compile` the model's forward (the first steps compile; later ones run faster on GPUs)."""
+    packing: bool = False
+    """Causal LM: pack several examples into each row of up to `max_length` tokens (position ids restart at each
+    example, no attention across examples), so rows carry no padding; `batch_size` counts packed rows."""
+    tf32: bool = True
+    """fp32 runs on a GPU with TF32 (Ampere or newer): its matmuls run as TF32, several times faster with a 10-bit
+    mantissa for the inputs; false (`--no-tf32`) keeps exact fp32 matmuls. No effect on the CPU, bf16 or fp16."""
 
     # data
     data: str | None = None
@@ -408,6 +421,7 @@ RESUME_MAY_CHANGE = frozenset(
     + ("completion_field", "messages_field", "label_field", "prompt_template", "completion_template", "limit")
     + ("eval_limit", "max_length", "trust_remote_code", "allow_pickle", "out", "save_every", "eval_every")
     + ("log_every", "report_to", "resume", "overwrite", "dry_run", "nproc", "threads", "save_total_limit")
+    + ("tf32", "attn_implementation", "compile")  # how this machine runs the same computation
 )
 
 

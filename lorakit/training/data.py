@@ -105,6 +105,8 @@ class Example:
     input_ids: list[int]
     labels: list[int]
     row: int | None = None  # index of its row in Rows.rows (dropped rows leave gaps)
+    position_ids: list[int] | None = None
+    """A packed row (packing.py): each example's positions, restarting at 0; None: 0, 1, 2, ..."""
 
 
 @dataclass
@@ -853,11 +855,15 @@ def collate(examples: list[Example], pad_id: int, task: str = "causal-lm") -> di
         labels = [e.labels[0] for e in examples]
     else:
         labels = [e.labels + [IGNORE] * (width - len(e.labels)) for e in examples]
-    return {
+    batch = {
         "input_ids": torch.tensor(input_ids, dtype=torch.long),
         "attention_mask": torch.tensor(mask, dtype=torch.long),
         "labels": torch.tensor(labels, dtype=torch.long),
     }
+    if any(e.position_ids is not None for e in examples):  # packed rows; the padding is one more block of its own
+        positions = [(e.position_ids or list(range(len(e.input_ids)))) for e in examples]
+        batch["position_ids"] = torch.tensor([p + list(range(width - len(p))) for p in positions], dtype=torch.long)
+    return batch
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

@@ -9,7 +9,6 @@ torch is imported inside the functions: the `--nproc` launcher process only re-r
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -51,6 +50,7 @@ def init_world() -> World:
 
     rank, local_rank, size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     if not dist.is_initialized():
+        check_nproc(int(os.environ.get("LOCAL_WORLD_SIZE", size)))  # torchrun's --nproc-per-node, on CUDA
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
@@ -118,17 +118,71 @@ def without_nproc(argv: list[str]) -> list[str]:
     return out
 
 
-def launch(nproc: int, argv: list[str], threads: int | None = None) -> int:
-    """Run `lorakit <argv>` in `nproc` processes through torchrun on this machine; returns its exit code.
+def check_nproc(nproc: int | None) -> None:
+    """`--nproc N` with CUDA needs N visible GPUs (one per process): refused by name before anything starts.
+    Without CUDA (gloo on the CPU) any N runs."""
+    if not nproc or nproc < 2:
+        return
+    import torch
 
-    `--standalone` gives the run a rendezvous on a free local port, so two runs on one machine do not collide
-    (plain torchrun uses port 29500 for every run). Each process gets `threads` CPU threads (default: the cores
-    shared out), set as OMP_NUM_THREADS, which also keeps torchrun from printing its advice about it.
+    from ..errors import LorakitError
+
+    if torch.cuda.is_available() and nproc > (visible := torch.cuda.device_count()):
+        shown = os.environ.get("CUDA_VISIBLE_DEVICES")
+        where = f" (CUDA_VISIBLE_DEVICES={shown})" if shown is not None else ""
+        raise LorakitError(
+            f"--nproc {nproc}: only {visible} GPU(s) visible{where}; one process per GPU: use --nproc {visible} "
+            "or fewer"
+        )
+
+
+def _elastic_launch(nproc: int, args: list[str]) -> None:
+    """`python ARGS` in `nproc` processes through torchrun's launcher (`torchrun --standalone`); the processes
+    inherit this one's environment."""
+    import logging
+    import uuid
+
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the processes say what failed
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+        monitor_interval=0.1,
+    )
+    elastic_launch(config, sys.executable)(*args)
+
+
+def launch(nproc: int, argv: list[str], threads: int | None = None) -> int:
+    """Run `lorakit <argv>` in `nproc` processes through torchrun's launcher on this machine; returns the exit code
+    (the first failed process's).
+
+    Like `torchrun --standalone`: a rendezvous on a free local port, so two runs on one machine do not collide. A
+    process that fails ends the others (`failure.py`) and prints its own one-line error; the launcher adds none of
+    torchrun's failure report. Each process gets `threads` CPU threads (default: the cores shared out), set as
+    OMP_NUM_THREADS.
     """
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-    command += ["-m", "lorakit"]
-    env = dict(os.environ)
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    check_nproc(nproc)
     if threads:  # asked for on this command line: wins over the environment's setting
-        env["OMP_NUM_THREADS"] = str(threads)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    return subprocess.call(command + without_nproc(argv), env=env)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    try:
+        _elastic_launch(nproc, ["-m", "lorakit", *without_nproc(argv)])
+    except ChildFailedError as e:
+        first = min(e.failures.values(), key=lambda f: (f.exitcode < 0, f.timestamp))  # an error before a kill
+        code = first.exitcode
+        if code < 0:  # killed by a signal, which printed nothing: say so
+            import signal
+
+            name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
+            print(f"error: rank {first.local_rank} was killed by {name}", file=sys.stderr)
+            return 128 - code
+        return code
+    return 0

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..devices import check_bf16, memory_record, peak_memory, set_tf32, start_cuda_peak
 from ..errors import LorakitError, TrainingDiverged, TrainingInterrupted
 from ..evaluation.evaluate import GenerateOptions, PromptGroup, generate, prompt_groups
 from ..evaluation.metrics import MetricWarning, text_metrics
@@ -40,6 +41,7 @@ from ..files import folder_lock, write_atomic
 from ..lora.adapter import apply_adapter, read_adapter, save_adapter
 from ..lora.wrap import add_lora, lora_layers, oversized_ranks
 from ..models import base_name, check_task, context_length, load_base, load_config, load_tokenizer, meta_base
+from . import attention, compiling, packing
 from .checkpoint import (
     BEST_COPY,
     RunState,
@@ -61,12 +63,14 @@ from .config import (
     resume_changes,
 )
 from .data import Encoded, Rows, batch_order, collate, encode, read_rows, split_rows, to_device
-from .distributed import World, all_sum, barrier, device_for, gather_objects, init_world, shutdown
+from .distributed import World, all_sum, barrier, device_for, gather_objects, init_world
+from .failure import fail_point, one_failure_ends_all
 from .fsdp import ShardedStep, check_fsdp, load_model, shard_model
-from .loss import LossStep, dataset_loss, label_count
+from .loss import LossStep, dataset_loss, example_label_count, with_label_index
 from .precision import Autocast, autocast_for, check_precision, fp32_master_weights, gradient_scaler
 from .reporting import Reporters, check_available, parse_report_to
 from .runfolder import MetricsLog, check_run_folder, claim_run_folder, note_in_config, plot_losses, save_config
+from .steploss import LossTracker
 
 BEST = Path("best") / "adapter.safetensors"
 """The best adapter, in the run folder."""
@@ -95,6 +99,8 @@ class TrainResult:
     resumed_from: int | None
     lora_changed: bool
     peak_memory_mb: float = 0.0
+    peak_reserved_mb: float | None = None
+    """CUDA: the most the caching allocator held (None on the CPU)."""
     world_size: int = 1
     main: bool = True
     """False on the ranks other than 0 of a distributed run (they print and write nothing)."""
@@ -182,12 +188,13 @@ def train(cfg: TrainConfig, console: Any = None) -> TrainResult:
     from rich.console import Console
 
     started = time.perf_counter()
-    world = init_world()
-    console = Console(stderr=True, quiet=True) if not world.main else console or Console(stderr=True)
     if cfg.data is None:
         raise LorakitError("no training data given; pass --data (a file, a datasets folder or a hub dataset)")
+    packing.check_config(cfg)
+    world = init_world()
+    console = Console(stderr=True, quiet=True) if not world.main else console or Console(stderr=True)
     with contextlib.ExitStack() as stack:
-        stack.callback(shutdown, world)
+        stack.enter_context(one_failure_ends_all(world))  # an error on any rank ends all; the group is destroyed
         out = check_run_folder(cfg)
         check_available(parse_report_to(cfg.report_to))  # a missing extra: now, not after loading
         changes = check_same_settings(cfg, out) if cfg.resume else []
@@ -230,24 +237,38 @@ def setup(cfg: TrainConfig, world: World, out: Path, console: Any) -> Run:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     rows, eval_rows = read_data(cfg)
+    fail_point("data", world)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     model_config = load_config(cfg.model, trust_remote_code=cfg.trust_remote_code)
     check_task(model_config, cfg.task, cfg.model or base_name(None))
     max_length = capped_max_length(cfg.max_length, context_length(model_config), console)
     encoded, eval_encoded = encode_data(cfg, rows, eval_rows, tokenizer, max_length)
     console.print(data_line(cfg, rows, eval_rows, encoded, max_length))
+    if cfg.packing:
+        encoded, unpacked = packing.pack(encoded, max_length), encoded
+        console.print(packing.data_note(unpacked, encoded, max_length, cfg.batch_size * world.size, cfg.seed))
     prompts = eval_prompts(cfg, eval_rows, eval_encoded, tokenizer) if eval_rows and cfg.eval_generate else None
     pad_id = pad_id_of(tokenizer)
     device = device_for(world)
     check_precision(cfg.precision, cfg.load_in_8bit, device)
     if cfg.fsdp:
         check_fsdp(cfg, world)
-    model = build_model(cfg, rows, pad_id, device, console, world)
+    check_bf16(cfg.precision, device)
+    set_tf32(device, cfg.precision, cfg.tf32)
+    if cfg.compile:
+        compiling.check(device, cfg.load_in_8bit)
+    attn = attention.resolve(cfg.attn_implementation, device, cfg.precision, model_config, cfg.task)
+    model = build_model(cfg, rows, pad_id, device, console, world, attn)
+    if cfg.packing:
+        vocab = getattr(model.config, "vocab_size", None) or len(tokenizer)
+        packing.check_model(model, device, autocast_for(cfg.precision, device), vocab, cfg.precision != "fp32")
     params = [p for p in model.parameters() if p.requires_grad]
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     optimizer = torch.optim.AdamW(
         params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay
     )
+    if cfg.compile:
+        compiling.compile_blocks(model)
     step_module: nn.Module = LossStep(model, cfg.task, cfg.label_smoothing)
     if cfg.fsdp:  # the base is sharded (build_model); what trains is whole on every rank, averaged as by DDP
         step_module = ShardedStep(step_module, params, world)
@@ -362,7 +383,13 @@ def pad_id_of(tokenizer: Any) -> int:
 
 
 def build_model(
-    cfg: TrainConfig, rows: Rows, pad_id: int, device: torch.device, console: Any, world: World | None = None
+    cfg: TrainConfig,
+    rows: Rows,
+    pad_id: int,
+    device: torch.device,
+    console: Any,
+    world: World | None = None,
+    attn: str | None = None,
 ) -> nn.Module:
     """The frozen base in the compute precision (or 8 or 4 bits) with LoRA layers, in training mode on `device`;
     with --fsdp sharded over the ranks (fsdp.py)."""
@@ -373,11 +400,15 @@ def build_model(
     options = dict(dtype=cfg.precision, task=cfg.task, trust_remote_code=cfg.trust_remote_code, num_labels=num_labels)
     options.update(pad_token_id=pad_token_id)
     four_bit = cfg.bnb_4bit_quant_type if cfg.load_in_4bit else None
+    # --fsdp: rank 0 reads the base into host memory and sends each rank its shard (never the whole base on one GPU)
     load = partial(
-        load_base, cfg.model, **options, load_in_8bit=cfg.load_in_8bit, load_in_4bit=four_bit, device=device,
+        load_base, cfg.model, **options, load_in_8bit=cfg.load_in_8bit, load_in_4bit=four_bit,
+        device=torch.device("cpu") if sharded else device,
         allow_pickle=cfg.allow_pickle,
+        attn_implementation=attn,
     )  # fmt: skip
-    model = load_model(world, load, partial(meta_base, cfg.model, **options)) if sharded else load()
+    meta = partial(meta_base, cfg.model, **options, attn_implementation=attn)
+    model = load_model(world, load, meta) if sharded else load()
     add_lora(model, cfg.targets, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, layers=cfg.layers)
     for name, limit in oversized_ranks(model)[:1]:
         more = len(oversized_ranks(model)) - 1
@@ -448,7 +479,7 @@ def resume(run: Run) -> RunState:
         raise LorakitError(f"{path}: the evaluation data differ from the run being resumed")
     apply_adapter(run.model, ckpt.adapter)
     load_optimizer(run.optimizer, ckpt.tensors, ckpt.adam_steps, path / "optimizer.safetensors", path / "state.json")
-    set_rng_state(ckpt.tensors, run.world.rank, path / "optimizer.safetensors")
+    set_rng_state(ckpt.tensors, run.world.rank, path / "optimizer.safetensors", run.device)
     if state.scaler and run.scaler.is_enabled():
         run.scaler.load_state_dict(state.scaler)
     if run.world.main:
@@ -555,6 +586,9 @@ def fit(run: Run, state: RunState) -> tuple[int, int | None]:
     saved_at = state.step if cfg.resume else None
     tokens_seen = 0
     left = evals_left(cfg, run.total_steps, run.eval_encoded is not None)
+    start_cuda_peak(run.device)  # the training's peak, not the base evaluation's
+    tracker = LossTracker(run.world, run.device)
+    loss, tokens_per_s, interval_tokens, interval_seconds = math.nan, 0.0, 0, 0.0  # since the last log line
     with StopFlag() as stop, _progress(run.console, run.total_steps, state.step, left) as progress:
         run.progress = progress
         if base_eval_seconds is not None:
@@ -562,19 +596,28 @@ def fit(run: Run, state: RunState) -> tuple[int, int | None]:
         while state.step < run.total_steps and not state.stopped_early:
             t0 = time.perf_counter()
             lr = lr_at(state.step, run.total_steps, cfg.warmup_steps, cfg.lr, cfg.lr_scheduler)
-            loss, tokens = train_step(run, state, stream, lr, checkpoint_path(run, saved_at))
+            tokens = train_step(run, state, stream, lr, tracker)
             tokens_seen += tokens
-            tokens_per_s = tokens / max(time.perf_counter() - t0, 1e-9)
+            interval_tokens += tokens
             if state.step % cfg.log_every == 0 or state.step == run.total_steps:
+                loss = checked_loss(run, tracker, saved_at)  # the loss is read here only (a host-device sync)
+                # the steps' time since the last log line (evaluations excluded), up to the device's finishing them
+                seconds = interval_seconds + time.perf_counter() - t0
+                tokens_per_s = interval_tokens / max(seconds, 1e-9)
+                interval_tokens, interval_seconds = 0, 0.0
                 record = {"step": state.step, "epoch": round(state.epoch + state.batch / run.batches_per_epoch, 4)}
                 record.update(loss=loss, lr=lr, tokens_per_s=round(tokens_per_s, 1))
-                run.log.write({**record, "peak_memory_mb": round(peak_memory_mb(run.device), 1)})
-            progress.update(state.step, loss, lr, tokens_per_s, time.perf_counter() - t0)
+                run.log.write({**record, **memory_record(run.device)})
+            else:
+                interval_seconds += time.perf_counter() - t0
+            progress.update(state.step, loss, lr, tokens_per_s, time.perf_counter() - t0)  # as of the last log
             if run.world.distributed:  # every rank must stop at the same step
                 stop.requested = all_sum(run.world, float(stop.requested))[0] > 0
             if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < run.total_steps:
+                checked_loss(run, tracker, saved_at)
                 evaluate(run, state)
             if (cfg.save_every and state.step % cfg.save_every == 0) or stop.requested:
+                checked_loss(run, tracker, saved_at)  # a checkpoint never holds a diverged adapter
                 saved_at = checkpoint(run, state)
             if stop.requested:
                 by = "" if stop.signum == signal.SIGINT else f" ({signal.Signals(stop.signum).name})"
@@ -587,10 +630,22 @@ def fit(run: Run, state: RunState) -> tuple[int, int | None]:
                 )
             if state.stopped_early:
                 run.console.print(f"early stopping at step {state.step}: {no_improvement(cfg, state)}")
+        checked_loss(run, tracker, saved_at)
         if run.eval_encoded is not None and state.last_eval_step != state.step:
             evaluate(run, state)  # the final evaluation, still under the display (its bar, the time left)
     run.progress = None
     return tokens_seen, saved_at
+
+
+def checked_loss(run: Run, tracker: LossTracker, saved_at: int | None) -> float:
+    """The last step's loss, read from the device; a non-finite loss at any step so far stops the run."""
+    loss, first_bad, bad_loss = tracker.read()
+    if first_bad:
+        message = diverged_message(
+            run.cfg, bad_loss, first_bad, checkpoint_path(run, saved_at), before_any_update=first_bad == 1
+        )
+        raise TrainingDiverged(message, checkpoint_path(run, saved_at))
+    return loss
 
 
 def no_improvement(cfg: TrainConfig, state: RunState) -> str:
@@ -604,23 +659,28 @@ def checkpoint_path(run: Run, step: int | None) -> Path | None:
     return None if step is None else run.out / "checkpoints" / f"step-{step:06d}"
 
 
-def train_step(run: Run, state: RunState, stream: Iterator, lr: float, last_checkpoint: Path | None) -> tuple:
-    """One optimizer step over `grad_accum` micro-batches; returns (mean loss per label token, tokens).
+def train_step(run: Run, state: RunState, stream: Iterator, lr: float, tracker: LossTracker) -> int:
+    """One optimizer step over `grad_accum` micro-batches; its loss goes to `tracker` (on the device); returns the
+    tokens of the step on all ranks.
 
     The loss is normalized by the label tokens of the whole step, on all ranks together, so accumulation and the
-    number of processes do not change it.
+    number of processes do not change it. Every rank draws the same global micro-batches, so the label and token
+    counts of all ranks are known on each from the examples: no communication, no host-device synchronisation.
     """
     cfg, world = run.cfg, run.world
+    fail_point(f"step{state.step + 1}", world)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    batches = []
+    batches, n_labels, tokens = [], 0, 0
+    examples = run.encoded.examples
     for _ in range(cfg.grad_accum):
         state.epoch, state.batch, ids = next(stream)
+        n_labels += sum(example_label_count(examples[i], cfg.task) for i in ids)
+        tokens += sum(len(examples[i].input_ids) for i in ids)
         share, weight = rank_share(ids, world)
-        batches.append((collate([run.encoded.examples[i] for i in share], run.pad_id, cfg.task), weight))
-    (n_labels,) = all_sum(world, sum(label_count(b, cfg.task) * w for b, w in batches))
+        batch = collate([examples[i] for i in share], run.pad_id, cfg.task)
+        batches.append((with_label_index(batch, cfg.task), weight))
     step_loss = torch.zeros((), dtype=torch.float64, device=run.device)
-    tokens = 0
     for i, (batch, weight) in enumerate(batches):
         batch = to_device(batch, run.device)
         last = i == len(batches) - 1
@@ -631,12 +691,6 @@ def train_step(run: Run, state: RunState, stream: Iterator, lr: float, last_chec
             # DDP averages gradients over ranks; scaling by the world size makes that a sum.
             run.scaler.scale(loss_sum * world.size / max(n_labels, 1)).backward()
         step_loss += loss_sum.detach()
-        tokens += int(batch["attention_mask"].sum()) if weight else 0
-    total_loss, tokens = all_sum(world, float(step_loss), tokens)
-    loss = total_loss / max(n_labels, 1)
-    if not math.isfinite(loss):
-        message = diverged_message(cfg, loss, state.step + 1, last_checkpoint, before_any_update=state.step == 0)
-        raise TrainingDiverged(message, last_checkpoint)
     if cfg.max_grad_norm:  # None or 0: no clipping
         run.scaler.unscale_(run.optimizer)
         torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm)
@@ -645,7 +699,8 @@ def train_step(run: Run, state: RunState, stream: Iterator, lr: float, last_chec
     run.optimizer.zero_grad(set_to_none=True)
     state.step += 1
     state.scaler = run.scaler.state_dict() if run.scaler.is_enabled() else None
-    return loss, int(tokens)
+    tracker.add(state.step, step_loss, n_labels)
+    return tokens
 
 
 def diverged_message(
@@ -817,7 +872,7 @@ def adapter_extra(cfg: TrainConfig) -> dict[str, str]:
 
 def checkpoint(run: Run, state: RunState) -> int:
     """Save a checkpoint of `state` (rank 0 writes; every rank's RNG state goes in); returns its step."""
-    rng = gather_objects(run.world, rng_state())
+    rng = gather_objects(run.world, rng_state(run.device))
     if run.world.main:
         keep = run.cfg.save_total_limit
         best_file = run.out / BEST
@@ -873,6 +928,7 @@ def finish(
         resumed_from=resumed_from,
         lora_changed=changed,
         peak_memory_mb=peak_memory_mb(run.device),
+        peak_reserved_mb=peak_memory(run.device).get("peak_reserved_mb"),
         world_size=run.world.size,
         main=run.world.main,
         best_adapter=run.out / BEST if state.best_step is not None else None,
@@ -885,12 +941,8 @@ def finish(
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    """CUDA: max allocated on the device; CPU: the process's peak resident set size."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    """CUDA: max allocated on the device since training started; CPU: the process's peak resident set size."""
+    return peak_memory(device)["peak_memory_mb"]
 
 
 class StopFlag:

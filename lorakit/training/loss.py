@@ -10,6 +10,7 @@ import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,19 +46,49 @@ def causal_lm_loss(
         batch: input_ids, attention_mask, labels (B, T); labels are IGNORE where no loss is taken.
         label_smoothing: epsilon of label smoothing.
     """
-    labels = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
-    mask = labels != IGNORE
-    n_tokens = int(mask.sum())
+    labels = batch["labels"]
+    # Flat positions in (B x T) that predict a label (position t predicts token t+1), and those labels.
+    index = batch[LABEL_INDEX] if LABEL_INDEX in batch else label_positions(labels)
+    targets = labels.reshape(-1).index_select(0, index + 1)
     parts = _backbone_and_head(model)
     if parts is None:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-        logits = logits[mask]  # (N, V)
+        logits = model(**model_inputs(batch)).logits
+        logits = logits.reshape(-1, logits.shape[-1]).index_select(0, index)  # (N, V)
     else:
         backbone, head = parts
-        hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        logits = head(hidden[:, :-1][mask])  # (N, V): the head only where a label exists
-    loss = F.cross_entropy(logits.float(), labels[mask], reduction="sum", label_smoothing=label_smoothing)
-    return loss, n_tokens
+        hidden = backbone(**model_inputs(batch)).last_hidden_state
+        logits = head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, index))  # the head only where labels are
+    loss = F.cross_entropy(logits.float(), targets, reduction="sum", label_smoothing=label_smoothing)
+    return loss, int(index.numel())
+
+
+def label_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Flat positions in (B x T) of the tokens whose next token carries a loss (never a row's last position)."""
+    predicts = torch.zeros_like(labels, dtype=torch.bool)
+    predicts[:, :-1] = labels[:, 1:] != IGNORE
+    return predicts.reshape(-1).nonzero().squeeze(1)
+
+
+LABEL_INDEX = "label_index"
+"""Batch key: `label_positions` of the batch, computed on the host."""
+
+
+def with_label_index(batch: dict[str, torch.Tensor], task: str) -> dict[str, torch.Tensor]:
+    """A causal-LM batch (still on the host) with its label positions, so that the loss on the device needs no
+    host-device synchronisation (a boolean mask's positions on the device must be read back to size the result)."""
+    if task == "classification":
+        return batch
+    return {**batch, LABEL_INDEX: label_positions(batch["labels"])}
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The model's keyword arguments for a batch: ids and attention mask, or for a packed batch (`position_ids`,
+    restarting at 0 for each example) the position ids and no mask: transformers then keeps every example's
+    attention to itself (a block-diagonal causal mask; flash-attention's variable-length kernel)."""
+    # No KV cache: nothing reuses it, and a cache object per layer makes torch.compile recompile for every layer.
+    if "position_ids" in batch:
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
 
 
 def classification_loss(
@@ -77,6 +108,13 @@ def batch_loss(
     if task == "classification":
         return classification_loss(model, batch, label_smoothing)
     return causal_lm_loss(model, batch, label_smoothing)
+
+
+def example_label_count(example: Example, task: str) -> int:
+    """`label_count` of one example (a batch's count is the sum over its examples: padding carries no label)."""
+    if task == "classification":
+        return 1
+    return sum(label != IGNORE for label in example.labels[1:])
 
 
 def label_count(batch: dict[str, torch.Tensor], task: str) -> int:
