@@ -120,12 +120,13 @@ def test_the_attention_implementation_reaches_the_model(tmp_path):
 
 def test_compile_is_refused_where_it_cannot_work(monkeypatch):
     cpu = torch.device("cpu")
-    assert compiling.compile_problem(cpu, load_in_8bit=True).startswith("an 8-bit base (bitsandbytes)")
+    assert compiling.compile_problem(cpu, 8).startswith("a base in 8 bits (bitsandbytes)")
+    assert compiling.compile_problem(cpu, 4).endswith("drop --compile or --load-in-4bit")
     monkeypatch.setattr(compiling.shutil, "which", lambda name: None)
-    assert compiling.compile_problem(cpu, False).startswith("compiling on the CPU needs a C++ compiler")
+    assert compiling.compile_problem(cpu, None).startswith("compiling on the CPU needs a C++ compiler")
     monkeypatch.setattr(torch._dynamo, "is_dynamo_supported", lambda: False)
     with pytest.raises(LorakitError, match="--compile: torch .* cannot compile on"):
-        compiling.check(cpu, False)
+        compiling.check(cpu, None)
 
 
 def test_a_checkpoint_holds_one_gpu_state_per_process_and_the_cpu_only_on_the_cpu():

@@ -8,8 +8,8 @@ generated kernels (Triton on GPUs, C++/OpenMP on the CPU). Evaluation and genera
 run the blocks as they are: no second compilation for them, no recompiling for each generated token.
 
 Refused up front, with one line, where it cannot work: a Python or platform that TorchDynamo does not support
-(`torch._dynamo.is_dynamo_supported()`), a CUDA run without Triton, a CPU run without a C++ compiler, and an
-8-bit base (bitsandbytes' int8 matmul).
+(`torch._dynamo.is_dynamo_supported()`), a CUDA run without Triton, a CPU run without a C++ compiler, and a
+bitsandbytes base (8-bit or 4-bit: its quantized matmuls).
 """
 
 from __future__ import annotations
@@ -22,16 +22,16 @@ from torch import nn
 from ..errors import LorakitError
 
 
-def compile_problem(device: torch.device, load_in_8bit: bool) -> str | None:
-    """Why `torch.compile` cannot train here (None: it can)."""
+def compile_problem(device: torch.device, bits: int | None) -> str | None:
+    """Why `torch.compile` cannot train here (None: it can); `bits`: 8 or 4 for a bitsandbytes base."""
     import torch._dynamo
 
     if not torch._dynamo.is_dynamo_supported():
         import sys
 
         return f"torch {torch.__version__} cannot compile on {sys.platform} with Python {sys.version.split()[0]}"
-    if load_in_8bit:
-        return "an 8-bit base (bitsandbytes) cannot be compiled; drop --compile or --load-in-8bit"
+    if bits:
+        return f"a base in {bits} bits (bitsandbytes) cannot be compiled; drop --compile or --load-in-{bits}bit"
     if device.type == "cuda":
         from torch.utils._triton import has_triton
 
@@ -42,8 +42,8 @@ def compile_problem(device: torch.device, load_in_8bit: bool) -> str | None:
     return None
 
 
-def check(device: torch.device, load_in_8bit: bool) -> None:
-    problem = compile_problem(device, load_in_8bit)
+def check(device: torch.device, bits: int | None) -> None:
+    problem = compile_problem(device, bits)
     if problem:
         raise LorakitError(f"--compile: {problem}")
 

@@ -256,7 +256,7 @@ def setup(cfg: TrainConfig, world: World, out: Path, console: Any) -> Run:
     check_bf16(cfg.precision, device)
     set_tf32(device, cfg.precision, cfg.tf32)
     if cfg.compile:
-        compiling.check(device, cfg.load_in_8bit)
+        compiling.check(device, 8 if cfg.load_in_8bit else 4 if cfg.load_in_4bit else None)
     attn = attention.resolve(cfg.attn_implementation, device, cfg.precision, model_config, cfg.task)
     model = build_model(cfg, rows, pad_id, device, console, world, attn)
     if cfg.packing:
