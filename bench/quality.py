@@ -55,6 +55,7 @@ SYSTEMS = {
     "e2e": {"lorakit": "lorakit (`train(cfg)`)", "trl": "PEFT, trained by TRL's SFTTrainer"},
     "classify": {"lorakit": "lorakit (`train(cfg)`)", "peft": "PEFT, plain training loop"},
 }
+DEFAULT_SEEDS = {"e2e": "110,111,112", "classify": "1,2,3"}  # 110: the paper's
 E2E_METRICS = ("bleu", "nist", "meteor", "rouge_l", "cider")
 E2E_SCALE = {"bleu": 100, "nist": 1, "meteor": 100, "rouge_l": 100, "cider": 1}  # the paper's scales
 DECODING = {
@@ -612,7 +613,8 @@ def e2e_rows(args: argparse.Namespace, units: Units) -> tuple[list[str], list[li
                     value = r[m] * (E2E_SCALE.get(m, 1) if m != "loss" else 1)
                     scores.setdefault(decoding, {}).setdefault(system, {}).setdefault(m, []).append(value)
             seeds.setdefault(decoding, {}).setdefault(system, []).append(unit["seed"])
-    columns = ["decoding", "system", "n (seeds)", "dev loss", *[m.upper().replace("_", "-") for m in metrics]]
+    names = {"bleu": "BLEU", "nist": "NIST", "meteor": "METEOR", "rouge_l": "ROUGE-L", "cider": "CIDEr"}
+    columns = ["decoding", "system", "n (seeds)", "dev loss", *[names.get(m, m) for m in metrics]]
     rows = []
     labels = SYSTEMS["e2e"]
     for decoding in ("greedy", "beam"):
@@ -779,7 +781,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not systems or set(systems) - set(SYSTEMS[family]) or len(set(systems)) != len(systems):
         p.error(f"--systems: distinct names from {', '.join(SYSTEMS[family])}")
     args.systems = systems
-    default_seeds = "1,2,3" if family == "classify" else "110,111,112"
+    default_seeds = DEFAULT_SEEDS[family]
     try:
         args.seeds = [int(s) for s in (args.seeds or default_seeds).split(",") if s.strip()]
     except ValueError:
@@ -841,9 +843,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.table == "report":
         for family in ("e2e", "classify"):
             units = Units(Path(args.results) / "quality" / family)
-            if units.all():
-                args.systems = list(SYSTEMS[family])
-                write_report(args, units, family)
+            args.systems = list(SYSTEMS[family])
+            args.seeds = [int(x) for x in DEFAULT_SEEDS[family].split(",")]  # the commands the table names
+            write_report(args, units, family)  # a table without units: every cell not yet run
         return
     {"e2e": run_e2e, "e2e-beam": run_e2e_beam, "classify": run_classify}[args.table](args, units)
     print(f"ran {len(units.ran)} unit(s), {len(units.skipped)} done before", flush=True)
