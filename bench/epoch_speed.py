@@ -79,6 +79,8 @@ def lorakit_flags(args: argparse.Namespace, system: str = "lorakit") -> dict[str
         "eval_data": "",  # the recipe names a hub eval set (unreachable offline); empty: no evaluation
         "save_every": NO_SAVE,
         **VARIANTS.get(system, {}),
+        # bench/quality.py trains other seeds (and, in its smoke test, a tiny model folder) through these workers
+        **{key: getattr(args, key) for key in ("seed", "model") if getattr(args, key, None) is not None},
     }
 
 
@@ -231,9 +233,10 @@ def build_trl(args: argparse.Namespace, cfg: Any, encoded: Any, out: Path, callb
     from lorakit.training.data import IGNORE
     from lorakit.training.loop import lr_at
 
-    if cfg.model is not None or cfg.targets != "q,v" or cfg.layers or cfg.grad_accum != 1:
-        raise SystemExit("this benchmark maps the smollm2-e2e recipe only (packaged model, q,v, no accumulation)")
-    folder = packaged_model_dir()  # the safetensors folder lorakit trains from
+    local = cfg.model is None or Path(cfg.model).is_dir()
+    if not local or cfg.targets != "q,v" or cfg.layers or cfg.grad_accum != 1:
+        raise SystemExit("this benchmark maps the smollm2-e2e recipe only (a local model, q,v, no accumulation)")
+    folder = cfg.model or packaged_model_dir()  # the safetensors folder lorakit trains from
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder)
 

@@ -89,3 +89,92 @@ def test_epoch_speed_parses_its_arguments():
     proc = subprocess.run(command, capture_output=True, text=True, timeout=HANG)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "--trl-sampler" in proc.stdout
+
+
+def quality_data(tmp_path: Path) -> dict[str, Path]:
+    """Tiny models and CSVs for bench/quality.py --quick: a BERT classifier, a Llama, and learnable rows."""
+    import csv
+    import random
+
+    from tiny import save_model, tiny_bert, tiny_llama
+
+    rng = random.Random(0)
+    paths = {"bert": save_model(tiny_bert(), tmp_path / "bert"), "llama": save_model(tiny_llama(), tmp_path / "llama")}
+
+    def write(name: str, fields: list[str], rows: list[dict]) -> None:
+        with (tmp_path / f"{name}.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, fields)
+            writer.writeheader()
+            writer.writerows(rows)
+        paths[name] = tmp_path / f"{name}.csv"
+
+    for name, n in (("train", 24), ("test", 8)):
+        rows = []
+        for _ in range(n):
+            label = rng.choice(["fresh", "rotten"])
+            words = [f"w{rng.randrange(10, 80)}" for _ in range(rng.randrange(2, 6))]
+            rows.append({"text": " ".join([*words, "w5" if label == "fresh" else "w6"]), "label": label})
+        write(name, ["text", "label"], rows)
+    for name, n in (("e2e-train", 8), ("e2e-dev", 4)):
+        mrs = [[rng.randrange(10, 60) for _ in range(rng.randrange(2, 4))] for _ in range(n)]
+        rows = [{"mr": " ".join(f"w{k}" for k in m), "ref": " ".join(f"w{k + 10}" for k in m)} for m in mrs]
+        write(name, ["mr", "ref"], rows)
+    return paths
+
+
+def run_quality(tmp_path: Path, capsys, *args: str) -> str:
+    """bench/quality.py's driver in this process (its workers and `lorakit eval` run as child processes); its output."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    import quality
+
+    capsys.readouterr()
+    argv = [*args, "--quick", "--seeds", "1", "--threads", "1"]
+    quality.main([*argv, "--results", str(tmp_path / "results"), "--work", str(tmp_path / "work")])
+    return capsys.readouterr().out
+
+
+@pytest.mark.slow
+@needs_peft
+def test_quality_quick_classify_writes_units_and_report_and_resumes(tmp_path, capsys):
+    d = quality_data(tmp_path)
+    flags = ["classify", "--model", str(d["bert"]), "--train-data", str(d["train"]), "--eval-data", str(d["test"])]
+    first = run_quality(tmp_path, capsys, *flags)
+    units = tmp_path / "results" / "quality" / "classify"
+    assert sorted(p.name for p in units.iterdir()) == ["eval-s1.json", "train-lorakit-s1.json", "train-peft-s1.json"]
+    evaluation = json.loads((units / "eval-s1.json").read_text())
+    assert set(evaluation["systems"]) == {"lorakit", "peft"}
+    assert all(0 <= r["accuracy"] <= 1 for r in evaluation["systems"].values())
+    trains = {s: json.loads((units / f"train-{s}-s1.json").read_text()) for s in ("lorakit", "peft")}
+    # the same rows, batches, head and A initialization (seed 1), LoRA B = 0: the same first loss
+    assert trains["lorakit"]["loss_first"] == pytest.approx(trains["peft"]["loss_first"], abs=1e-4)
+    report = json.loads((tmp_path / "results" / "quality-classify.json").read_text())
+    assert report["units"] == ["eval-s1", "train-lorakit-s1", "train-peft-s1"] and report["machine"]["cpu"]
+    md = (tmp_path / "results" / "quality-classify.md").read_text()
+    assert "| lorakit (`train(cfg)`) | 1 |" in md and "machine:" in md and "python bench/quality.py classify" in md
+    assert "ran 3 unit(s), 0 done before" in first
+
+    before = {p.name: p.stat().st_mtime_ns for p in units.iterdir()}
+    again = run_quality(tmp_path, capsys, *flags)  # everything finished: nothing trains or evaluates again
+    assert "ran 0 unit(s), 3 done before" in again
+    assert {p.name: p.stat().st_mtime_ns for p in units.iterdir()} == before
+
+    (units / "eval-s1.json").unlink()  # as if killed during the evaluation: only that unit runs again
+    third = run_quality(tmp_path, capsys, *flags)
+    assert "ran 1 unit(s), 2 done before" in third and (units / "eval-s1.json").is_file()
+
+
+@pytest.mark.slow
+def test_quality_quick_e2e_scores_lorakit_and_marks_missing_cells(tmp_path, capsys):
+    d = quality_data(tmp_path)
+    flags = ["e2e", "--model", str(d["llama"]), "--train-data", str(d["e2e-train"]), "--eval-data", str(d["e2e-dev"])]
+    run_quality(tmp_path, capsys, *flags, "--systems", "lorakit")
+    units = tmp_path / "results" / "quality" / "e2e"
+    assert sorted(p.name for p in units.iterdir()) == ["eval-greedy-s1.json", "train-lorakit-s1.json"]
+    evaluation = json.loads((units / "eval-greedy-s1.json").read_text())
+    assert set(evaluation["systems"]) == {"lorakit"} and {"bleu", "rouge_l", "loss"} <= set(
+        evaluation["systems"]["lorakit"]
+    )
+    assert evaluation["command"][:2] == ["lorakit", "eval"] and "--no-repeat-ngram-size" in evaluation["command"]
+    md = (tmp_path / "results" / "quality-e2e.md").read_text()
+    assert "| beam | lorakit (`train(cfg)`) | 0 | not yet run |" in md
