@@ -197,7 +197,7 @@ def worker_e2e(spec: dict[str, Any]) -> dict[str, Any]:
     ns = argparse.Namespace(
         data=spec["data"], rows=spec["rows"], seed=spec["seed"], model=spec["model"], out=spec["out"],
         threads=spec["threads"], trl_sampler="random", trl_schedule="lorakit", trl_input="text",
-        allow_token_mismatch=False,
+        allow_token_mismatch=False, worker=spec["system"],
     )  # fmt: skip
     if spec["system"] == "lorakit":
         result = epoch_speed.worker_lorakit(ns)
