@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_8bit import hide_bitsandbytes
-from tiny import killed_in_step, save_model, tiny_gpt2, tiny_llama
+from tiny import killed_in_step, memorize_setup, runs_with_and_without, tiny_gpt2, tiny_llama
 from typer.testing import CliRunner
 
 import lorakit
@@ -40,29 +40,13 @@ SAME_START, SAME_DROP = 0.02, 0.05
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
     """Tiny model folders and 8 rows to learn by heart."""
-    root = tmp_path_factory.mktemp("nf4")
-    for name, build in ARCHS.items():
-        save_model(build(), root / name)
-    rows = [{"prompt": f"w{4 + i} w{20 + i}", "completion": f"w{40 + i} w{60 + i} w{70 + i}"} for i in range(8)]
-    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root
+    return memorize_setup(tmp_path_factory.mktemp("nf4"), ARCHS)
 
 
 @pytest.fixture(scope="module")
 def runs(root) -> dict[tuple[str, bool], Path]:
     """(arch, 4-bit?) -> run folder, trained through the CLI on the same data."""
-    out = {}
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LORAKIT_CACHE", str(root / "cache"))
-        for arch in ARCHS if HAS_BNB else []:
-            for four_bit in (True, False):
-                folder = root / f"{arch}-{'nf4' if four_bit else 'fp32'}"
-                args = ["train", "--model", str(root / arch), "--data", str(root / "data.jsonl")]
-                args += ["--eval-data", str(root / "data.jsonl"), "--out", str(folder), *OPTIONS]
-                result = runner.invoke(app, args + (["--load-in-4bit"] if four_bit else []))
-                assert result.exit_code == 0, result.output
-                out[arch, four_bit] = folder
-    return out
+    return runs_with_and_without(root, ARCHS if HAS_BNB else {}, "--load-in-4bit", "nf4", OPTIONS)
 
 
 def eval_losses(run: Path) -> list[float]:

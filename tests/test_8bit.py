@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import save_model, tiny_gpt2, tiny_llama
+from tiny import memorize_setup, runs_with_and_without, tiny_gpt2, tiny_llama
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
@@ -27,29 +27,13 @@ OPTIONS = ["--batch-size", "8", "--max-steps", "30", "--lr", "5e-2", "--targets"
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
     """Tiny model folders and 8 rows to learn by heart."""
-    root = tmp_path_factory.mktemp("int8")
-    for name, build in ARCHS.items():
-        save_model(build(), root / name)
-    rows = [{"prompt": f"w{4 + i} w{20 + i}", "completion": f"w{40 + i} w{60 + i} w{70 + i}"} for i in range(8)]
-    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root
+    return memorize_setup(tmp_path_factory.mktemp("int8"), ARCHS)
 
 
 @pytest.fixture(scope="module")
 def runs(root) -> dict[tuple[str, bool], Path]:
     """(arch, 8-bit?) -> run folder, trained through the CLI on the same data."""
-    out = {}
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LORAKIT_CACHE", str(root / "cache"))
-        for arch in ARCHS if HAS_BNB else []:
-            for eight_bit in (True, False):
-                folder = root / f"{arch}-{'int8' if eight_bit else 'fp32'}"
-                args = ["train", "--model", str(root / arch), "--data", str(root / "data.jsonl")]
-                args += ["--eval-data", str(root / "data.jsonl"), "--out", str(folder), *OPTIONS]
-                result = runner.invoke(app, args + (["--load-in-8bit"] if eight_bit else []))
-                assert result.exit_code == 0, result.output
-                out[arch, eight_bit] = folder
-    return out
+    return runs_with_and_without(root, ARCHS if HAS_BNB else {}, "--load-in-8bit", "int8", OPTIONS)
 
 
 def hide_bitsandbytes(monkeypatch) -> None:

@@ -128,6 +128,21 @@ def kill_run(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
+def kill_after_checkpoint(args: list[str], root: Path, cut: Path, first: int, steps: int) -> int:
+    """Start `lorakit train ARGS` (2 processes), SIGKILL everything once checkpoint `first` exists in `cut`; the
+    step of the newest checkpoint, checked to be before the run's end."""
+    proc = lorakit_process([*args, "--nproc", "2"], root, root / "cut.log", start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while latest_step(cut) < first and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        kill_run(proc)
+    killed_at = latest_step(cut)
+    assert first <= killed_at < steps, (root / "cut.log").read_text()[-3000:]
+    return killed_at
+
+
 @pytest.fixture(scope="module")
 def two_processes(setup) -> Path:
     """An uninterrupted 2-process run: `lorakit train --nproc 2`."""
@@ -189,15 +204,7 @@ def test_a_killed_two_process_run_resumes_to_the_adapter_of_an_uninterrupted_one
     """SIGKILL everything once a checkpoint exists; `--resume` (2 processes again, from config.yaml) ends with the
     same adapter bits and metrics as the run that was never interrupted."""
     cut, root = setup["root"] / "cut", setup["root"]
-    proc = lorakit_process([*cli_args(setup, cut), "--nproc", "2"], root, root / "cut.log", start_new_session=True)
-    try:
-        deadline = time.monotonic() + 240
-        while latest_step(cut) < FIRST_CHECKPOINT and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-    finally:
-        kill_run(proc)
-    killed_at = latest_step(cut)
-    assert FIRST_CHECKPOINT <= killed_at < STEPS, (root / "cut.log").read_text()[-3000:]
+    killed_at = kill_after_checkpoint(cli_args(setup, cut), root, cut, FIRST_CHECKPOINT, STEPS)
     assert not (cut / "adapter.safetensors").exists()  # the run did not get to its end
 
     run_lorakit(["train", "--resume", "--out", str(cut)], root, root / "resume.log")  # nproc 2 from config.yaml

@@ -6,13 +6,12 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_distributed import OPTIONS, ROWS, env, kill_run, latest_step, lorakit_process, metrics, rows, run_lorakit
+from test_distributed import OPTIONS, ROWS, env, kill_after_checkpoint, metrics, rows, run_lorakit
 from tiny import save_model, tiny_llama
 from typer.testing import CliRunner
 
@@ -100,15 +99,7 @@ def test_each_rank_holds_about_half_of_the_base(setup):
 @needs_torchrun
 def test_a_killed_fsdp_run_resumes_bit_identical(setup, sharded):
     cut, root = setup["root"] / "cut", setup["root"]
-    proc = lorakit_process([*cli_args(setup, cut), "--nproc", "2"], root, root / "cut.log", start_new_session=True)
-    try:
-        deadline = time.monotonic() + 240
-        while latest_step(cut) < FIRST_CHECKPOINT and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-    finally:
-        kill_run(proc)
-    killed_at = latest_step(cut)
-    assert FIRST_CHECKPOINT <= killed_at < STEPS, (root / "cut.log").read_text()[-3000:]
+    kill_after_checkpoint(cli_args(setup, cut), root, cut, FIRST_CHECKPOINT, STEPS)
     run_lorakit(["train", "--resume", "--out", str(cut)], root, root / "resume.log")  # nproc 2 from config.yaml
     full, resumed = load_file(str(sharded / "adapter.safetensors")), load_file(str(cut / "adapter.safetensors"))
     assert full.keys() == resumed.keys()

@@ -150,3 +150,34 @@ def killed_in_step(step: int):
             loop.lr_at = real
 
     return patched()
+
+
+def memorize_setup(root: Path, archs: dict) -> Path:
+    """`root` with a tiny model folder per architecture (name -> builder) and data.jsonl: 8 rows to learn by heart."""
+    for name, build in archs.items():
+        save_model(build(), root / name)
+    rows = [{"prompt": f"w{4 + i} w{20 + i}", "completion": f"w{40 + i} w{60 + i} w{70 + i}"} for i in range(8)]
+    write_jsonl(root / "data.jsonl", rows)
+    return root
+
+
+def runs_with_and_without(root: Path, archs, flag: str, tag: str, options: list[str]) -> dict[tuple[str, bool], Path]:
+    """(arch, with `flag`?) -> run folder: `lorakit train` through the CLI on `memorize_setup`'s folders, with `flag`
+    (folder ARCH-TAG) and without it (ARCH-fp32), evaluated on the training rows."""
+    import pytest
+    from typer.testing import CliRunner
+
+    from lorakit.cli import app
+
+    out = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LORAKIT_CACHE", str(root / "cache"))
+        for arch in archs:
+            for flagged in (True, False):
+                folder = root / f"{arch}-{tag if flagged else 'fp32'}"
+                args = ["train", "--model", str(root / arch), "--data", str(root / "data.jsonl")]
+                args += ["--eval-data", str(root / "data.jsonl"), "--out", str(folder), *options]
+                result = CliRunner().invoke(app, args + ([flag] if flagged else []))
+                assert result.exit_code == 0, result.output
+                out[arch, flagged] = folder
+    return out
