@@ -57,7 +57,8 @@ SYSTEMS = {
 }
 DEFAULT_SEEDS = {"e2e": "110,111,112", "classify": "1,2,3"}  # 110: the paper's
 E2E_METRICS = ("bleu", "nist", "meteor", "rouge_l", "cider")
-E2E_SCALE = {"bleu": 1, "nist": 1, "meteor": 1, "rouge_l": 1, "cider": 1}  # lorakit eval reports the paper's scales (BLEU x100)
+# lorakit eval already reports the paper's scales (BLEU, METEOR, ROUGE-L x100): no rescaling
+E2E_SCALE = {"bleu": 1, "nist": 1, "meteor": 1, "rouge_l": 1, "cider": 1}
 DECODING = {
     "greedy": ["--no-repeat-ngram-size", "4", "--max-new-tokens", "64"],
     "beam": ["--num-beams", "10", "--length-penalty", "0.9", "--no-repeat-ngram-size", "4", "--max-new-tokens", "64"],
