@@ -243,6 +243,15 @@ def _check_class(config: Any, cls: Any, name: str) -> None:
         )
 
 
+def _prepare_config(config: Any, name: str, task: str | None, num_labels: int | None, pad_token_id: int | None) -> None:
+    """The task check and the settings `load_base` and `meta_base` apply to a base's config before building it."""
+    check_task(config, task, name)
+    if num_labels is not None:
+        config.num_labels = num_labels
+    if pad_token_id is not None and getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = pad_token_id
+
+
 def load_base(
     source: str | None,
     dtype: str = "auto",
@@ -284,11 +293,7 @@ def load_base(
     source = resolve_source(source)
     if Path(source).is_dir():
         _check_weights(Path(source), name, allow_pickle)
-    check_task(config, task, name)
-    if num_labels is not None:
-        config.num_labels = num_labels
-    if pad_token_id is not None and getattr(config, "pad_token_id", None) is None:
-        config.pad_token_id = pad_token_id
+    _prepare_config(config, name, task, num_labels, pad_token_id)
     cls = _model_class(config, task, model_class)
     if model_class:
         _check_class(config, cls, name)
@@ -336,11 +341,7 @@ def meta_base(
     modules, shapes and dtypes, no weights read and no memory (`--fsdp` ranks other than 0 fill in their shards)."""
     name = source or PACKAGED
     config = load_config(source, trust_remote_code)
-    check_task(config, task, name)
-    if num_labels is not None:
-        config.num_labels = num_labels
-    if pad_token_id is not None and getattr(config, "pad_token_id", None) is None:
-        config.pad_token_id = pad_token_id
+    _prepare_config(config, name, task, num_labels, pad_token_id)
     torch_dtype = parse_dtype(dtype)
     cls = _model_class(config, task)
     with torch.device("meta"):
