@@ -53,7 +53,11 @@ E2E_DATA = ROOT.parent / "shared" / "data" / "e2e"  # ../shared beside the check
 TABLES = ("e2e", "e2e-beam", "classify", "report")
 SYSTEMS = {
     "e2e": {"lorakit": "lorakit (`train(cfg)`)", "trl": "PEFT, trained by TRL's SFTTrainer"},
-    "classify": {"lorakit": "lorakit (`train(cfg)`)", "peft": "PEFT, plain training loop"},
+    "classify": {
+        "lorakit": "lorakit (`train(cfg)`)",
+        "peft": "PEFT, plain training loop",
+        "peft-init": "PEFT, from lorakit's initial A and head",
+    },
 }
 DEFAULT_SEEDS = {"e2e": "110,111,112", "classify": "1,2,3"}  # 110: the paper's
 E2E_METRICS = ("bleu", "nist", "meteor", "rouge_l", "cider")
@@ -251,6 +255,7 @@ def train_unit(args: argparse.Namespace, table: str, system: str, seed: int) -> 
         "token_check": r.get("token_check"),
         "command": r.get("command"),
         "import_command": r.get("import_command"),
+        **({"start": r["start"]} if r.get("start") else {}),
         "losses": [round(x, 5) for x in losses],
     }
 
@@ -433,7 +438,7 @@ def classify_spec(args: argparse.Namespace, system: str, seed: int) -> dict[str,
             "epochs": args.epochs, "limit": args.rows}  # fmt: skip
 
 
-def classify_config(spec: dict[str, Any]) -> Any:
+def classify_config(spec: dict[str, Any]) -> tuple[Any, Any, Any, int]:
     from lorakit.training.config import build_config
     from lorakit.training.loop import run_length
 
@@ -444,10 +449,11 @@ def classify_config(spec: dict[str, Any]) -> Any:
     from lorakit.training.data import encode, read_rows
 
     spec_ = data_spec(cfg)
-    encoded = encode(read_rows(spec_, task=cfg.task), load_tokenizer(cfg.model), cfg.max_length, spec_)
+    rows = read_rows(spec_, task=cfg.task)
+    encoded = encode(rows, load_tokenizer(cfg.model), cfg.max_length, spec_)
     total = run_length(len(encoded.examples), cfg)[2]
     cfg.warmup_steps = max(1, round(WARMUP_SHARE * total))
-    return cfg, encoded, total
+    return cfg, rows, encoded, total
 
 
 def data_spec(cfg: Any) -> Any:
@@ -457,10 +463,28 @@ def data_spec(cfg: Any) -> Any:
 
 
 def worker_classify(spec: dict[str, Any]) -> dict[str, Any]:
-    cfg, encoded, total = classify_config(spec)
+    cfg, rows, encoded, total = classify_config(spec)
     if spec["system"] == "lorakit":
         return classify_lorakit(cfg)
-    return classify_peft(cfg, encoded, total)
+    return classify_peft(cfg, encoded, total, start=lorakit_start(cfg, rows) if spec["system"] == "peft-init" else None)
+
+
+def lorakit_start(cfg: Any, rows: Any) -> dict[str, Any]:
+    """The LoRA A matrices and the new head that lorakit's `train(cfg)` starts from (its own build_model, so the
+    same random draws), by module path. PEFT draws A from the same distribution (Kaiming-uniform, a = sqrt 5) but
+    in another order, so without this the two systems start from different A at the same seed."""
+    import torch
+    from rich.console import Console
+
+    from lorakit.lora.layer import LoRALayer
+    from lorakit.models import load_tokenizer
+    from lorakit.training.loop import build_model
+
+    pad = load_tokenizer(cfg.model).pad_token_id or 0
+    model = build_model(cfg, rows, pad, torch.device("cpu"), Console(stderr=True))
+    a = {path: m.lora_A[0].detach().clone() for path, m in model.named_modules() if isinstance(m, LoRALayer)}
+    head = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
+    return {"A": a, "head": head}
 
 
 def classify_lorakit(cfg: Any) -> dict[str, Any]:
@@ -477,10 +501,11 @@ def classify_lorakit(cfg: Any) -> dict[str, Any]:
             "warmup_steps": cfg.warmup_steps}  # fmt: skip
 
 
-def classify_peft(cfg: Any, encoded: Any, total: int) -> dict[str, Any]:
+def classify_peft(cfg: Any, encoded: Any, total: int, start: dict[str, Any] | None = None) -> dict[str, Any]:
     """PEFT's LoRA on the same base, head, rows, batches (lorakit's sampler and seed), AdamW and schedule, in a plain
     loop: mean cross-entropy per batch (lorakit's summed loss over the batch's examples / their count), base dropout
-    off (lorakit's default), no clipping. The adapter is saved as PEFT's folder and converted by `lorakit import`."""
+    off (lorakit's default), no clipping. With `start` (lorakit_start), A and the head begin as lorakit's do.
+    The adapter is saved as PEFT's folder and converted by `lorakit import`."""
     import torch
     from epoch_speed import Meter
     from peft import LoraConfig, get_peft_model
@@ -501,6 +526,7 @@ def classify_peft(cfg: Any, encoded: Any, total: int) -> dict[str, Any]:
     lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
                       task_type="SEQ_CLS")  # fmt: skip
     model = get_peft_model(model, lora)
+    copied = copy_start(model, start) if start else None
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
@@ -531,7 +557,28 @@ def classify_peft(cfg: Any, encoded: Any, total: int) -> dict[str, Any]:
     if outcome.exit_code != 0:
         raise SystemExit(f"lorakit import failed: {outcome.output}")
     return {**meter.result, "losses": losses, "lorakit_adapter": str(adapter), "import_command": ["lorakit", *imported],
-            "warmup_steps": cfg.warmup_steps}  # fmt: skip
+            "warmup_steps": cfg.warmup_steps, "start": copied}  # fmt: skip
+
+
+def copy_start(model: Any, start: dict[str, Any]) -> dict[str, Any]:
+    """Set a PEFT model's A matrices and trained head to lorakit's; what was copied, and how far PEFT's own A was."""
+    import torch
+
+    modules = dict(model.named_modules())
+    prefix = "base_model.model."
+    differed = 0.0
+    with torch.no_grad():
+        for path, a in start["A"].items():
+            weight = modules[prefix + path].lora_A["default"].weight
+            differed = max(differed, float((weight - a).abs().max()))
+            weight.copy_(a)
+        trained = {n.removeprefix(prefix).replace(".modules_to_save.default", ""): p
+                   for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}  # fmt: skip
+        if set(trained) != set(start["head"]):
+            raise SystemExit(f"PEFT trains head {sorted(trained)}, lorakit {sorted(start['head'])}")
+        for name, value in start["head"].items():
+            trained[name].copy_(value)
+    return {"A_modules": len(start["A"]), "head": sorted(start["head"]), "peft_own_A_max_abs_diff": differed}
 
 
 def eval_classify_unit(args: argparse.Namespace, trains: list[dict[str, Any]], seed: int) -> dict[str, Any]:
@@ -583,22 +630,46 @@ def fmt(mean: float, sd: float | None, digits: int) -> str:
     return f"{mean:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
 
 
-def verdict(a: list[float], b: list[float]) -> str:
+def verdict(a: dict[int, float], b: dict[int, float]) -> str:
     """Whether the difference of the means lies within the seed-to-seed spread: |mean a - mean b| <= the larger of
-    the two standard deviations (needs two seeds of each)."""
+    the two standard deviations (needs two seeds of each); then the same seeds paired (see paired)."""
     if len(a) < 2 or len(b) < 2:
         return "n/a (fewer than 2 seeds)"
-    (ma, sa), (mb, sb) = mean_sd(a), mean_sd(b)
+    (ma, sa), (mb, sb) = mean_sd(list(a.values())), mean_sd(list(b.values()))
     diff = ma - mb
     spread = max(sa or 0.0, sb or 0.0)
-    return f"{diff:+.2f}: " + ("within" if abs(diff) <= spread else "BEYOND") + f" the spread ({spread:.2f})"
+    text = f"{diff:+.2f}: " + ("within" if abs(diff) <= spread else "BEYOND") + f" the spread ({spread:.2f})"
+    return text + paired(a, b)
+
+
+def paired(a: dict[int, float], b: dict[int, float]) -> str:
+    """The seeds both systems ran, as pairs (the same rows, batches and head at each seed): the mean and standard
+    deviation of the per-seed differences a - b, on how many seeds a is ahead, and the exact two-sided sign-flip
+    p-value (the share of the 2^n sign assignments of the differences whose mean is at least as far from 0)."""
+    seeds = sorted(set(a) & set(b))
+    d = [a[s] - b[s] for s in seeds]
+    if len(d) < 2:
+        return ""
+    m, sd = mean_sd(d)
+    ahead, behind = sum(x > 0 for x in d), sum(x < 0 for x in d)
+    return (f"; paired over {len(d)} seeds {fmt(m, sd, 2)}, ahead on {ahead}, behind on {behind}, sign-flip "
+            f"p = {sign_flip_p(d):.3g}")  # fmt: skip
+
+
+def sign_flip_p(d: list[float]) -> float:
+    """Exact two-sided p-value of the paired sign-flip (permutation) test of mean(d) = 0."""
+    observed = abs(sum(d)) - 1e-12 * max(1.0, sum(abs(x) for x in d))  # ties count as at least as far
+    hits = sum(
+        abs(sum(x if (mask >> i) & 1 else -x for i, x in enumerate(d))) >= observed for mask in range(2 ** len(d))
+    )
+    return hits / 2 ** len(d)
 
 
 def e2e_rows(args: argparse.Namespace, units: Units) -> tuple[list[str], list[list[str]], dict[str, Any]]:
     done = units.all()
     metrics = [m for m in args.metrics.split(",")] if args.metrics != "e2e" else list(E2E_METRICS)
     digits = {"bleu": 1, "nist": 2, "meteor": 1, "rouge_l": 1, "cider": 2}
-    scores: dict[str, dict[str, dict[str, list[float]]]] = {}  # decoding -> system -> metric -> values per seed
+    scores: dict[str, dict[str, dict[str, dict[int, float]]]] = {}  # decoding -> system -> metric -> seed -> value
     seeds: dict[str, dict[str, list[int]]] = {}
     base: dict[str, dict[str, Any]] = {}
     eval_s: dict[str, list[float]] = {}
@@ -612,7 +683,7 @@ def e2e_rows(args: argparse.Namespace, units: Units) -> tuple[list[str], list[li
             for m in metrics + ["loss"]:
                 if m in r:
                     value = r[m] * (E2E_SCALE.get(m, 1) if m != "loss" else 1)
-                    scores.setdefault(decoding, {}).setdefault(system, {}).setdefault(m, []).append(value)
+                    scores.setdefault(decoding, {}).setdefault(system, {}).setdefault(m, {})[unit["seed"]] = value
             seeds.setdefault(decoding, {}).setdefault(system, []).append(unit["seed"])
     names = {"bleu": "BLEU", "nist": "NIST", "meteor": "METEOR", "rouge_l": "ROUGE-L", "cider": "CIDEr"}
     columns = ["decoding", "system", "n (seeds)", "dev loss", *[names.get(m, m) for m in metrics]]
@@ -629,27 +700,27 @@ def e2e_rows(args: argparse.Namespace, units: Units) -> tuple[list[str], list[li
                 rows.append([decoding, labels[system], "0", *["not yet run"] * (len(metrics) + 1)])
                 continue
             n = len(seeds[decoding][system])
-            cells = [fmt(*mean_sd(got[m]), digits.get(m, 2)) if m in got else "-" for m in metrics]
+            cells = [fmt(*mean_sd(list(got[m].values())), digits.get(m, 2)) if m in got else "-" for m in metrics]
             rows.append([decoding, labels[system], f"{n} ({', '.join(map(str, sorted(seeds[decoding][system])))})",
-                         fmt(*mean_sd(got["loss"]), 3), *cells])  # fmt: skip
-        pair = [scores.get(decoding, {}).get(s) for s in args.systems]
-        if all(pair) and len(pair) == 2:
-            cells = [verdict(pair[0][m], pair[1][m]) if m in pair[0] and m in pair[1] else "-" for m in metrics]
-            rows.append([decoding, f"{args.systems[0]} - {args.systems[1]}", "", "", *cells])
+                         fmt(*mean_sd(list(got["loss"].values())), 3), *cells])  # fmt: skip
+        first = scores.get(decoding, {}).get(args.systems[0])
+        for other in args.systems[1:]:
+            second = scores.get(decoding, {}).get(other)
+            if first and second:
+                cells = [verdict(first[m], second[m]) if m in first and m in second else "-" for m in metrics]
+                rows.append([decoding, f"{args.systems[0]} - {other}", "", "", *cells])
     return columns, rows, {"scores": scores, "seeds": seeds, "base": base, "eval_s": eval_s}
 
 
 def classify_rows(args: argparse.Namespace, units: Units) -> tuple[list[str], list[list[str]], dict[str, Any]]:
     done = units.all()
-    acc: dict[str, list[float]] = {}
-    seeds: dict[str, list[int]] = {}
+    acc: dict[str, dict[int, float]] = {}  # system -> seed -> accuracy %
     base = None
     for name, unit in done.items():
         if name.startswith("eval-"):
             base = base or unit["base"]
             for system, r in unit["systems"].items():
-                acc.setdefault(system, []).append(100 * r["accuracy"])
-                seeds.setdefault(system, []).append(unit["seed"])
+                acc.setdefault(system, {})[unit["seed"]] = 100 * r["accuracy"]
     columns = ["system", "n (seeds)", "accuracy %", "per seed", "train loss, last 10%"]
     rows = []
     if base:
@@ -658,14 +729,14 @@ def classify_rows(args: argparse.Namespace, units: Units) -> tuple[list[str], li
         if system not in acc:
             rows.append([SYSTEMS["classify"][system], "0", "not yet run", "-", "-"])
             continue
-        losses = [u["loss_last10"] for n, u in done.items() if n.startswith(f"train-{system}-")]
-        per_seed = ", ".join(f"{s}: {a:.1f}" for s, a in sorted(zip(seeds[system], acc[system])))
-        rows.append([SYSTEMS["classify"][system], str(len(acc[system])), fmt(*mean_sd(acc[system]), 2), per_seed,
-                     fmt(*mean_sd(losses), 4) if losses else "-"])  # fmt: skip
-    if len(args.systems) == 2 and all(s in acc for s in args.systems):
-        a, b = (acc[s] for s in args.systems)
-        rows.append([f"{args.systems[0]} - {args.systems[1]}", "", verdict(a, b), "", ""])
-    return columns, rows, {"accuracy": acc, "seeds": seeds, "base": base}
+        losses = [u["loss_last10"] for n, u in done.items() if n.startswith(f"train-{system}-s")]
+        per_seed = ", ".join(f"{s}: {a:.1f}" for s, a in sorted(acc[system].items()))
+        rows.append([SYSTEMS["classify"][system], str(len(acc[system])), fmt(*mean_sd(list(acc[system].values())), 2),
+                     per_seed, fmt(*mean_sd(losses), 4) if losses else "-"])  # fmt: skip
+    for other in args.systems[1:]:
+        if args.systems[0] in acc and other in acc:
+            rows.append([f"{args.systems[0]} - {other}", "", verdict(acc[args.systems[0]], acc[other]), "", ""])
+    return columns, rows, {"accuracy": acc, "base": base}
 
 
 def seeds_of(units: Units, args: argparse.Namespace) -> list[int]:
@@ -688,6 +759,25 @@ def training_lines(units: Units) -> list[str]:
     return out
 
 
+def tracking_lines(units: Units, tolerance: float = 1e-3) -> list[str]:
+    """Per seed: for how many steps PEFT started from lorakit's A and head has lorakit's loss (within
+    `tolerance`): the same arithmetic up to float rounding, which Adam's normalised steps then amplify."""
+    done = units.all()
+    out = []
+    for name, unit in sorted(done.items()):
+        twin = done.get(name.replace("train-peft-init-", "train-lorakit-"))
+        if not name.startswith("train-peft-init-s") or twin is None:
+            continue
+        pairs = list(zip(unit["losses"], twin["losses"]))
+        same = next((i for i, (x, y) in enumerate(pairs) if abs(x - y) > tolerance), len(pairs))
+        worst = max(abs(x - y) for x, y in pairs)
+        out.append(
+            f"- seed {unit['seed']}: PEFT from lorakit's start has lorakit's loss within {tolerance:g} for the first "
+            f"{same} of {len(pairs)} steps (largest difference over the run {worst:.4f})"
+        )
+    return out
+
+
 def write_report(args: argparse.Namespace, units: Units, table: str) -> None:
     """Rewrite `--results`/quality-<table>.json and .md from the finished units (missing cells say not yet run)."""
     info = common.machine("cpu")
@@ -707,6 +797,7 @@ def write_report(args: argparse.Namespace, units: Units, table: str) -> None:
         seeds = ",".join(map(str, seeds_of(units, args)))
         first = seeds.split(",")[0]
         commands = [f"python bench/quality.py e2e --seeds {seeds}", f"python bench/quality.py e2e-beam --seeds {first}"]
+        extra = []
     else:
         columns, rows, summary = classify_rows(args, units)
         data = units.load("data") or {}
@@ -717,11 +808,13 @@ def write_report(args: argparse.Namespace, units: Units, table: str) -> None:
             "standard deviation over seeds (n-1)"
         )
         commands = [f"python bench/quality.py classify --seeds {','.join(map(str, seeds_of(units, args)))}"]
+        extra = tracking_lines(units)
     notes = [
         f"- machine: {common.describe(info)}; report written {now()}",
         "- commands: " + "; ".join(f"`{c}`" for c in commands),
         "- a difference is *within the spread* when |mean a - mean b| <= the larger of the two seed standard "
         "deviations",
+        *extra,
         *training_lines(units),
     ]
     md = common.markdown_table(title, columns, rows) + "\n\n" + "\n".join(notes) + "\n"

@@ -99,7 +99,11 @@ def quality_data(tmp_path: Path) -> dict[str, Path]:
     from tiny import save_model, tiny_bert, tiny_llama
 
     rng = random.Random(0)
-    paths = {"bert": save_model(tiny_bert(), tmp_path / "bert"), "llama": save_model(tiny_llama(), tmp_path / "llama")}
+    # a bare BertModel checkpoint, as all-MiniLM-L6-v2 is: the classifier is a new head, trained by every system
+    paths = {
+        "bert": save_model(tiny_bert().bert, tmp_path / "bert"),
+        "llama": save_model(tiny_llama(), tmp_path / "llama"),
+    }
 
     def write(name: str, fields: list[str], rows: list[dict]) -> None:
         with (tmp_path / f"{name}.csv").open("w", newline="") as f:
@@ -139,29 +143,38 @@ def run_quality(tmp_path: Path, capsys, *args: str) -> str:
 def test_quality_quick_classify_writes_units_and_report_and_resumes(tmp_path, capsys):
     d = quality_data(tmp_path)
     flags = ["classify", "--model", str(d["bert"]), "--train-data", str(d["train"]), "--eval-data", str(d["test"])]
+    flags += ["--rows", "24"]  # 2 steps of 16 and 8: the second step's loss depends on A
     first = run_quality(tmp_path, capsys, *flags)
     units = tmp_path / "results" / "quality" / "classify"
-    assert sorted(p.name for p in units.iterdir()) == ["eval-s1.json", "train-lorakit-s1.json", "train-peft-s1.json"]
+    systems = ("lorakit", "peft", "peft-init")
+    assert sorted(p.name for p in units.iterdir()) == ["eval-s1.json", *sorted(f"train-{s}-s1.json" for s in systems)]
     evaluation = json.loads((units / "eval-s1.json").read_text())
-    assert set(evaluation["systems"]) == {"lorakit", "peft"}
+    assert set(evaluation["systems"]) == set(systems)
     assert all(0 <= r["accuracy"] <= 1 for r in evaluation["systems"].values())
-    trains = {s: json.loads((units / f"train-{s}-s1.json").read_text()) for s in ("lorakit", "peft")}
-    # the same rows, batches, head and A initialization (seed 1), LoRA B = 0: the same first loss
+    trains = {s: json.loads((units / f"train-{s}-s1.json").read_text()) for s in systems}
+    assert all(t["steps"] == 2 for t in trains.values())
+    # the same rows, batches and head (seed 1), LoRA B = 0: the same first loss whatever A is
     assert trains["lorakit"]["loss_first"] == pytest.approx(trains["peft"]["loss_first"], abs=1e-4)
+    # PEFT from lorakit's A: the second loss too (PEFT's own A are other draws of the same distribution)
+    assert trains["peft-init"]["losses"] == pytest.approx(trains["lorakit"]["losses"], abs=1e-4)
+    start = trains["peft-init"]["start"]
+    assert start["A_modules"] == 4 and start["head"] == ["classifier.bias", "classifier.weight"]
+    assert start["peft_own_A_max_abs_diff"] > 0
     report = json.loads((tmp_path / "results" / "quality-classify.json").read_text())
-    assert report["units"] == ["eval-s1", "train-lorakit-s1", "train-peft-s1"] and report["machine"]["cpu"]
+    assert report["units"] == ["eval-s1", *sorted(f"train-{s}-s1" for s in systems)] and report["machine"]["cpu"]
     md = (tmp_path / "results" / "quality-classify.md").read_text()
     assert "| lorakit (`train(cfg)`) | 1 |" in md and "machine:" in md and "python bench/quality.py classify" in md
-    assert "ran 3 unit(s), 0 done before" in first
+    assert "seed 1: PEFT from lorakit's start has lorakit's loss within 0.001 for the first 2 of 2 steps" in md
+    assert "ran 4 unit(s), 0 done before" in first
 
     before = {p.name: p.stat().st_mtime_ns for p in units.iterdir()}
     again = run_quality(tmp_path, capsys, *flags)  # everything finished: nothing trains or evaluates again
-    assert "ran 0 unit(s), 3 done before" in again
+    assert "ran 0 unit(s), 4 done before" in again
     assert {p.name: p.stat().st_mtime_ns for p in units.iterdir()} == before
 
     (units / "eval-s1.json").unlink()  # as if killed during the evaluation: only that unit runs again
     third = run_quality(tmp_path, capsys, *flags)
-    assert "ran 1 unit(s), 2 done before" in third and (units / "eval-s1.json").is_file()
+    assert "ran 1 unit(s), 3 done before" in third and (units / "eval-s1.json").is_file()
 
 
 @pytest.mark.slow

@@ -132,3 +132,61 @@ def test_packaged_default_export_loads_on_its_local_folder(tmp_path, user_cache)
     base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     loaded = peft.PeftModel.from_pretrained(base, out).eval()
     assert (logits(loaded) - logits(model)).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_lorakit_and_peft_train_identically_from_the_same_start_in_float64(arch):
+    """The same base, A, head, batches and AdamW: lorakit's LoRA layers and PEFT's give the same losses and B after
+    several steps (float64, so rounding cannot hide a difference in scaling, gradients or what is trained)."""
+    import copy
+
+    from tiny import tiny_bert
+
+    from lorakit import add_lora
+    from lorakit.lora.layer import LoRALayer
+
+    base = tiny_llama() if arch == "llama" else tiny_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    names = ["q_proj", "v_proj"] if arch == "llama" else ["query", "value"]
+    ours, theirs = base, copy.deepcopy(base)
+    add_lora(ours, "q,v", rank=4, alpha=8.0)
+    if arch == "bert":
+        ours.classifier.requires_grad_(True)  # a new head trains in full, as lorakit train does
+    task = "CAUSAL_LM" if arch == "llama" else "SEQ_CLS"
+    theirs = peft.get_peft_model(theirs, peft.LoraConfig(r=4, lora_alpha=8, target_modules=names, task_type=task))
+    modules = dict(theirs.named_modules())
+    with torch.no_grad():
+        for path, layer in ours.named_modules():
+            if isinstance(layer, LoRALayer):  # PEFT draws its A in another order: start both from lorakit's
+                modules[f"base_model.model.{path}"].lora_A["default"].weight.copy_(layer.lora_A[0])
+    g = torch.Generator().manual_seed(0)
+    ids, labels = torch.randint(5, 90, (4, 10), generator=g), torch.randint(0, 2, (4,), generator=g)
+
+    def loss_of(model: nn.Module) -> torch.Tensor:  # in float64 (transformers' causal-LM loss upcasts to float32)
+        logits = model(input_ids=ids).logits
+        if arch == "llama":
+            return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        return nn.functional.cross_entropy(logits, labels)
+
+    def train(model: nn.Module) -> list[float]:
+        model.double().train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01)
+        losses = []
+        for _ in range(6):  # one batch, learned a little more each step
+            loss = loss_of(model)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+        return losses
+
+    ours_losses, theirs_losses = train(ours), train(theirs)
+    assert sum(p.numel() for p in ours.parameters() if p.requires_grad) == sum(
+        p.numel() for p in theirs.parameters() if p.requires_grad
+    )
+    assert ours_losses[-1] < ours_losses[0] - 0.01  # it learned something to compare
+    assert ours_losses == pytest.approx(theirs_losses, abs=1e-12, rel=0)
+    for path, layer in ours.named_modules():
+        if isinstance(layer, LoRALayer):
+            b = modules[f"base_model.model.{path}"].lora_B["default"].weight
+            assert layer.lora_B[0].abs().max() > 0 and torch.allclose(layer.lora_B[0], b, atol=1e-10, rtol=0)
