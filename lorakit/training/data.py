@@ -872,7 +872,7 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 
 def batch_order(
-    lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length: bool = True
+    lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length: bool = False
 ) -> list[list[int]]:
     """The batches of one epoch as lists of example indices; the same arguments give the same batches.
 

@@ -8,7 +8,8 @@
 
 `Run` holds what a run is set up with and never changes; `RunState` (checkpoint.py) what changes as it trains,
 which is exactly what a checkpoint stores. One optimizer step: micro-batches -> loss summed over label tokens /
-label tokens in the whole step -> backward -> (clip) -> AdamW at lr_at(step) (warmup, then --lr-scheduler).
+the label tokens of an average step (`Run.step_labels`) -> backward -> (clip) -> AdamW at lr_at(step) (warmup,
+then --lr-scheduler).
 
 With evaluation rows, every evaluation after step 0 is a candidate for the best adapter (`best/adapter.safetensors`,
 by `best_metric`); `early_stopping_patience` evaluations in a row without an improvement (by more than
@@ -146,6 +147,10 @@ class Run:
     """Notes (a metric that cannot run here) printed already: each once."""
     progress: Any = None
     """The progress display while the loop runs (evaluation and generation passes add their bars to it)."""
+    step_labels: float = 1.0
+    """Label tokens (classification: examples) of an average optimizer step over an epoch: every step's summed loss
+    is divided by it, so each label token of the epoch weighs the same whatever batch it falls in (see
+    train_step)."""
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float, schedule: str = "linear") -> float:
@@ -246,7 +251,8 @@ def setup(cfg: TrainConfig, world: World, out: Path, console: Any) -> Run:
     console.print(data_line(cfg, rows, eval_rows, encoded, max_length))
     if cfg.packing:
         encoded, unpacked = packing.pack(encoded, max_length), encoded
-        console.print(packing.data_note(unpacked, encoded, max_length, cfg.batch_size * world.size, cfg.seed))
+        batch = cfg.batch_size * world.size
+        console.print(packing.data_note(unpacked, encoded, max_length, batch, cfg.seed, cfg.group_by_length))
     prompts = eval_prompts(cfg, eval_rows, eval_encoded, tokenizer) if eval_rows and cfg.eval_generate else None
     pad_id = pad_id_of(tokenizer)
     device = device_for(world)
@@ -288,11 +294,13 @@ def setup(cfg: TrainConfig, world: World, out: Path, console: Any) -> Run:
         + (" (8-bit base)" if cfg.load_in_8bit else "")
         + (f" (4-bit {cfg.bnb_4bit_quant_type} base)" if cfg.load_in_4bit else "")
     )
+    labels = sum(example_label_count(e, cfg.task) for e in encoded.examples)
     return Run(
         cfg, world, device, out, console, encoded, eval_encoded, pad_id, model, step_module, params, optimizer,
         gradient_scaler(cfg.precision, device), autocast_for(cfg.precision, device), total, batches_per_epoch,
         base_name(cfg.model), tokenizer=tokenizer, eval_prompts=prompts,
         generate_options=generate_options(cfg, prompts, max_length) if prompts else None,
+        step_labels=max(labels * cfg.grad_accum / batches_per_epoch, 1.0),
     )  # fmt: skip
 
 
@@ -582,7 +590,9 @@ def fit(run: Run, state: RunState) -> tuple[int, int | None]:
         started = time.perf_counter()
         state.first_eval_loss = evaluate(run, state)  # the base model's loss: the "before" of before/after
         base_eval_seconds = time.perf_counter() - started
-    stream = micro_batches(run.encoded, cfg.batch_size * run.world.size, cfg.seed, state.epoch, state.batch)
+    stream = micro_batches(
+        run.encoded, cfg.batch_size * run.world.size, cfg.seed, state.epoch, state.batch, cfg.group_by_length
+    )
     saved_at = state.step if cfg.resume else None
     tokens_seen = 0
     left = evals_left(cfg, run.total_steps, run.eval_encoded is not None)
@@ -663,9 +673,15 @@ def train_step(run: Run, state: RunState, stream: Iterator, lr: float, tracker: 
     """One optimizer step over `grad_accum` micro-batches; its loss goes to `tracker` (on the device); returns the
     tokens of the step on all ranks.
 
-    The loss is normalized by the label tokens of the whole step, on all ranks together, so accumulation and the
+    The step's loss, summed over its label tokens on all ranks together, is divided by the label tokens of an
+    average step (`run.step_labels`), not by its own: with --group-by-length (data.batch_order) a batch of short
+    examples holds several times fewer label tokens than a batch of long ones, and dividing by its own
+    count would weigh a short example's tokens several times as much as a long one's. With the constant every label
+    token of an epoch counts the same, as when batches are drawn at random, which is what the evaluation loss
+    (a mean over all tokens) and TRL / transformers' Trainer with random batches optimize. Accumulation and the
     number of processes do not change it. Every rank draws the same global micro-batches, so the label and token
     counts of all ranks are known on each from the examples: no communication, no host-device synchronisation.
+    The logged loss is still the step's own mean per label token.
     """
     cfg, world = run.cfg, run.world
     fail_point(f"step{state.step + 1}", world)
@@ -689,7 +705,7 @@ def train_step(run: Run, state: RunState, stream: Iterator, lr: float, tracker: 
             with run.autocast():
                 loss_sum = run.step_module(batch) * weight
             # DDP averages gradients over ranks; scaling by the world size makes that a sum.
-            run.scaler.scale(loss_sum * world.size / max(n_labels, 1)).backward()
+            run.scaler.scale(loss_sum * world.size / run.step_labels).backward()
         step_loss += loss_sum.detach()
     if cfg.max_grad_norm:  # None or 0: no clipping
         run.scaler.unscale_(run.optimizer)
@@ -718,7 +734,7 @@ def diverged_message(
 
 
 def micro_batches(
-    encoded: Encoded, batch_size: int, seed: int, epoch: int, index: int
+    encoded: Encoded, batch_size: int, seed: int, epoch: int, index: int, group_by_length: bool = False
 ) -> Iterator[tuple[int, int, list[int]]]:
     """(epoch, index of the next batch, example indices) forever, from a position; each epoch reshuffled by seed.
 
@@ -727,7 +743,7 @@ def micro_batches(
     """
     lengths = [len(e.input_ids) for e in encoded.examples]
     while True:
-        order = batch_order(lengths, batch_size, seed, epoch)
+        order = batch_order(lengths, batch_size, seed, epoch, group_by_length)
         for i in range(index, len(order)):
             yield epoch, i + 1, order[i]
         epoch, index = epoch + 1, 0

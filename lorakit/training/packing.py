@@ -80,18 +80,20 @@ def pack(encoded: Encoded, capacity: int) -> Encoded:
     return replace(encoded, examples=[packed_example([encoded.examples[i] for i in g]) for g in groups])
 
 
-def padding_fraction(lengths: list[int], batch_size: int, seed: int = 42) -> float:
+def padding_fraction(lengths: list[int], batch_size: int, seed: int = 42, group_by_length: bool = False) -> float:
     """The share of padding in one epoch's micro-batches (each padded to its longest row), as training draws them."""
-    batches = batch_order(lengths, batch_size, seed, 0)
+    batches = batch_order(lengths, batch_size, seed, 0, group_by_length)
     real = sum(lengths)
     total = sum(max(lengths[i] for i in b) * len(b) for b in batches)
     return 1 - real / max(total, 1)
 
 
-def data_note(before: Encoded, after: Encoded, capacity: int, batch_size: int, seed: int) -> str:
+def data_note(
+    before: Encoded, after: Encoded, capacity: int, batch_size: int, seed: int, group_by_length: bool = False
+) -> str:
     """`packing: N examples in M rows of <= L tokens; padding X% -> Y%`."""
-    old = padding_fraction([len(e.input_ids) for e in before.examples], batch_size, seed)
-    new = padding_fraction([len(e.input_ids) for e in after.examples], batch_size, seed)
+    old = padding_fraction([len(e.input_ids) for e in before.examples], batch_size, seed, group_by_length)
+    new = padding_fraction([len(e.input_ids) for e in after.examples], batch_size, seed, group_by_length)
     return (
         f"packing: {len(before.examples)} examples in {len(after.examples)} rows of <= {capacity} tokens; "
         f"padding {100 * old:.1f}% -> {100 * new:.1f}% of the batches' tokens"
