@@ -30,6 +30,7 @@ EVERYTHING = dict(
     base_dropout=True,
     attn_implementation="sdpa",
     compile=True,
+    group_by_length=True,
     packing=True,
     tf32=False,
     data="data: train.jsonl",
