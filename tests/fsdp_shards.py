@@ -2,6 +2,7 @@
 without --fsdp) and print, from rank 0, each rank's parameter bytes (local shards) and peak resident memory."""
 
 import json
+import os
 import resource
 import sys
 
@@ -23,8 +24,11 @@ def main(model: str, data: str, fsdp: bool) -> None:
     found = gather_objects(world, {"local_bytes": local, "whole_bytes": whole, "peak_rss_mib": rss_mib})
     all_sum(world, 0.0)
     if world.main:
-        print("RESULT " + json.dumps(found))
+        print("RESULT " + json.dumps(found), flush=True)
     shutdown(world)
+    # Once, on a heavily loaded machine, rank 0 aborted after this point, in interpreter teardown ("terminate called
+    # without an active exception"): the measurement is complete here, so leave without running C++ destructors.
+    os._exit(0)
 
 
 if __name__ == "__main__":
