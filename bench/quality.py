@@ -346,18 +346,24 @@ def parse_eval(log: Path) -> list[dict[str, Any]]:
 
 
 def run_e2e(args: argparse.Namespace, units: Units) -> None:
-    """Per seed: train each system (alternating which goes first), then one greedy evaluation of both."""
+    """Per seed: train each system, then one greedy evaluation of all."""
+    run_seeds(args, units, "e2e", "eval-greedy-s", lambda a, trains, seed: eval_e2e_unit(a, trains, "greedy", seed))
+
+
+def run_seeds(
+    args: argparse.Namespace, units: Units, table: str, evaluation: str, score: Callable[..., dict[str, Any]]
+) -> None:
+    """Per seed: train each system (alternating which goes first), then one evaluation of all, named `evaluation`
+    + seed and made by `score(args, trainings, seed)`; the table is rewritten after each seed."""
     for i, seed in enumerate(args.seeds):
-        if finished(args, units, seed, f"eval-greedy-s{seed}"):
+        if finished(args, units, seed, f"{evaluation}{seed}"):
             continue
         systems = args.systems if i % 2 == 0 else list(reversed(args.systems))
-        trains = {s: trained(args, units, "e2e", s, seed) for s in systems}
+        trains = {s: trained(args, units, table, s, seed) for s in systems}
         ordered = [trains[s] for s in args.systems]
-        evaluated(
-            units, f"eval-greedy-s{seed}", ordered, functools.partial(eval_e2e_unit, args, ordered, "greedy", seed)
-        )
-        write_report(args, units, "e2e")
-    write_report(args, units, "e2e")
+        evaluated(units, f"{evaluation}{seed}", ordered, functools.partial(score, args, ordered, seed))
+        write_report(args, units, table)
+    write_report(args, units, table)
 
 
 def finished(args: argparse.Namespace, units: Units, seed: int, evaluation: str) -> bool:
@@ -622,15 +628,7 @@ def run_classify(args: argparse.Namespace, units: Units) -> None:
         args.train_data, args.eval_data = (str(ROOT / data[k]["path"]) for k in ("train", "test"))
         if not Path(args.train_data).is_file():  # another machine: write the files again (the same rows)
             write_json(units.path("data"), {**data, **classify_data(args)})
-    for i, seed in enumerate(args.seeds):
-        if finished(args, units, seed, f"eval-s{seed}"):
-            continue
-        systems = args.systems if i % 2 == 0 else list(reversed(args.systems))
-        trains = {s: trained(args, units, "classify", s, seed) for s in systems}
-        ordered = [trains[s] for s in args.systems]
-        evaluated(units, f"eval-s{seed}", ordered, functools.partial(eval_classify_unit, args, ordered, seed))
-        write_report(args, units, "classify")
-    write_report(args, units, "classify")
+    run_seeds(args, units, "classify", "eval-s", eval_classify_unit)
 
 
 # ---------------------------------------------------------------------------------------------------------------
