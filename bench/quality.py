@@ -643,7 +643,7 @@ def fmt(mean: float, sd: float | None, digits: int) -> str:
     return f"{mean:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
 
 
-def verdict(a: dict[int, float], b: dict[int, float]) -> str:
+def verdict(a: dict[int, float], b: dict[int, float], digits: int = 2) -> str:
     """Whether the difference of the means lies within the seed-to-seed spread: |mean a - mean b| <= the larger of
     the two standard deviations (needs two seeds of each); then the same seeds paired (see paired)."""
     if len(a) < 2 or len(b) < 2:
@@ -651,11 +651,11 @@ def verdict(a: dict[int, float], b: dict[int, float]) -> str:
     (ma, sa), (mb, sb) = mean_sd(list(a.values())), mean_sd(list(b.values()))
     diff = ma - mb
     spread = max(sa or 0.0, sb or 0.0)
-    text = f"{diff:+.2f}: " + ("within" if abs(diff) <= spread else "BEYOND") + f" the spread ({spread:.2f})"
-    return text + paired(a, b)
+    text = f"{diff:+.{digits}f}: " + ("within" if abs(diff) <= spread else "BEYOND")
+    return text + f" the spread ({spread:.{digits}f})" + paired(a, b, digits)
 
 
-def paired(a: dict[int, float], b: dict[int, float]) -> str:
+def paired(a: dict[int, float], b: dict[int, float], digits: int = 2) -> str:
     """The seeds both systems ran, as pairs (the same rows, batches and head at each seed): the mean and standard
     deviation of the per-seed differences a - b, on how many seeds a is ahead, and the exact two-sided sign-flip
     p-value (the share of the 2^n sign assignments of the differences whose mean is at least as far from 0)."""
@@ -665,7 +665,7 @@ def paired(a: dict[int, float], b: dict[int, float]) -> str:
         return ""
     m, sd = mean_sd(d)
     ahead, behind = sum(x > 0 for x in d), sum(x < 0 for x in d)
-    return (f"; paired over {len(d)} seeds {fmt(m, sd, 2)}, ahead on {ahead}, behind on {behind}, sign-flip "
+    return (f"; paired over {len(d)} seeds {fmt(m, sd, digits)}, ahead on {ahead}, behind on {behind}, sign-flip "
             f"p = {sign_flip_p(d):.3g}")  # fmt: skip
 
 
@@ -721,7 +721,8 @@ def e2e_rows(args: argparse.Namespace, units: Units) -> tuple[list[str], list[li
             second = scores.get(decoding, {}).get(other)
             if first and second:
                 cells = [verdict(first[m], second[m]) if m in first and m in second else "-" for m in metrics]
-                rows.append([decoding, f"{args.systems[0]} - {other}", "", "", *cells])
+                loss = verdict(first["loss"], second["loss"], 4) if "loss" in first and "loss" in second else "-"
+                rows.append([decoding, f"{args.systems[0]} - {other}", "", loss, *cells])
     return columns, rows, {"scores": scores, "seeds": seeds, "base": base, "eval_s": eval_s}
 
 
@@ -768,8 +769,17 @@ def training_lines(units: Units) -> list[str]:
                 f"{u['loss_mean']:.4f}, last 10% {u['loss_last10']:.4f}; finished {u['finished']}"
             )
         elif name.startswith("eval-"):
-            out.append(f"- {name}: {u['eval_s']:.0f} s; finished {u['finished']}")
+            scores = "; ".join(f"{system} {seed_scores(r)}" for system, r in u["systems"].items())
+            out.append(f"- {name}: {u['eval_s']:.0f} s; {scores}; finished {u['finished']}")
     return out
+
+
+def seed_scores(r: dict[str, Any]) -> str:
+    """One system's scores in one evaluation unit: dev loss and BLEU (E2E) or accuracy (classification)."""
+    parts = [f"eval loss {r['loss']:.4f}"] if "loss" in r else []
+    parts += [f"BLEU {r['bleu']:.1f}"] if "bleu" in r else []
+    parts += [f"accuracy {100 * r['accuracy']:.1f}%"] if "accuracy" in r else []
+    return ", ".join(parts) or "-"
 
 
 def tracking_lines(units: Units, tolerance: float = 1e-3) -> list[str]:

@@ -201,3 +201,23 @@ def test_quality_quick_e2e_scores_lorakit_and_marks_missing_cells(tmp_path, caps
     assert "trained by an older lorakit (length-grouped batches, per-step mean); training it again" in again
     assert "ran 2 unit(s), 0 done before" in again
     assert json.loads(train.read_text())["weighting"] == "random batches, every label token the same"
+
+
+def test_quality_verdict_judges_the_spread_and_pairs_the_seeds_at_the_digits_asked():
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    import quality
+
+    lorakit = {110: 1.4079, 111: 1.4090, 112: 1.4085}
+    trl = {110: 1.4101, 111: 1.4112, 112: 1.4100}
+    # differences -0.0022, -0.0022, -0.0015: the means differ by 0.0020, beyond the larger spread (0.0007)
+    text = quality.verdict(lorakit, trl, 4)
+    assert text.startswith("-0.0020: BEYOND the spread (0.0007); paired over 3 seeds -0.0020 ± 0.0004")
+    assert text.endswith("ahead on 0, behind on 3, sign-flip p = 0.25")
+    assert quality.verdict({1: 74.0, 2: 74.2, 3: 73.1}, {1: 74.3, 2: 74.7, 3: 73.6}).startswith(
+        "-0.43: within the spread (0.59)"
+    )
+    assert quality.verdict({1: 1.0}, trl) == "n/a (fewer than 2 seeds)"
+    assert quality.sign_flip_p([1.0, -1.0, 2.0, 0.5]) == 8 / 16  # 8 of the 16 sign flips have |sum| >= 2.5
+    assert quality.seed_scores({"loss": 1.40794, "bleu": 58.2178}) == "eval loss 1.4079, BLEU 58.2"
+    assert quality.seed_scores({"loss": 0.51871, "accuracy": 0.7398}) == "eval loss 0.5187, accuracy 74.0%"
