@@ -643,19 +643,24 @@ def fmt(mean: float, sd: float | None, digits: int) -> str:
     return f"{mean:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
 
 
-def verdict(a: dict[int, float], b: dict[int, float], digits: int = 2) -> str:
+def verdict(
+    a: dict[int, float], b: dict[int, float], digits: int = 2, words: tuple[str, str] = ("ahead", "behind")
+) -> str:
     """Whether the difference of the means lies within the seed-to-seed spread: |mean a - mean b| <= the larger of
-    the two standard deviations (needs two seeds of each); then the same seeds paired (see paired)."""
+    the two standard deviations (needs two seeds of each); then the same seeds paired (see paired; `words` name a
+    seed where a is above b and below it: a loss is "higher" and "lower", not ahead)."""
     if len(a) < 2 or len(b) < 2:
         return "n/a (fewer than 2 seeds)"
     (ma, sa), (mb, sb) = mean_sd(list(a.values())), mean_sd(list(b.values()))
     diff = ma - mb
     spread = max(sa or 0.0, sb or 0.0)
     text = f"{diff:+.{digits}f}: " + ("within" if abs(diff) <= spread else "BEYOND")
-    return text + f" the spread ({spread:.{digits}f})" + paired(a, b, digits)
+    return text + f" the spread ({spread:.{digits}f})" + paired(a, b, digits, words)
 
 
-def paired(a: dict[int, float], b: dict[int, float], digits: int = 2) -> str:
+def paired(
+    a: dict[int, float], b: dict[int, float], digits: int = 2, words: tuple[str, str] = ("ahead", "behind")
+) -> str:
     """The seeds both systems ran, as pairs (the same rows, batches and head at each seed): the mean and standard
     deviation of the per-seed differences a - b, on how many seeds a is ahead, and the exact two-sided sign-flip
     p-value (the share of the 2^n sign assignments of the differences whose mean is at least as far from 0)."""
@@ -665,8 +670,8 @@ def paired(a: dict[int, float], b: dict[int, float], digits: int = 2) -> str:
         return ""
     m, sd = mean_sd(d)
     ahead, behind = sum(x > 0 for x in d), sum(x < 0 for x in d)
-    return (f"; paired over {len(d)} seeds {fmt(m, sd, digits)}, ahead on {ahead}, behind on {behind}, sign-flip "
-            f"p = {sign_flip_p(d):.3g}")  # fmt: skip
+    return (f"; paired over {len(d)} seeds {fmt(m, sd, digits)}, {words[0]} on {ahead}, {words[1]} on {behind}, "
+            f"sign-flip p = {sign_flip_p(d):.3g}")  # fmt: skip
 
 
 def sign_flip_p(d: list[float]) -> float:
@@ -721,7 +726,8 @@ def e2e_rows(args: argparse.Namespace, units: Units) -> tuple[list[str], list[li
             second = scores.get(decoding, {}).get(other)
             if first and second:
                 cells = [verdict(first[m], second[m]) if m in first and m in second else "-" for m in metrics]
-                loss = verdict(first["loss"], second["loss"], 4) if "loss" in first and "loss" in second else "-"
+                pair = ("higher", "lower")  # a lower loss is the better one
+                loss = verdict(first["loss"], second["loss"], 4, pair) if "loss" in first and "loss" in second else "-"
                 rows.append([decoding, f"{args.systems[0]} - {other}", "", loss, *cells])
     return columns, rows, {"scores": scores, "seeds": seeds, "base": base, "eval_s": eval_s}
 

@@ -214,6 +214,8 @@ def test_quality_verdict_judges_the_spread_and_pairs_the_seeds_at_the_digits_ask
     text = quality.verdict(lorakit, trl, 4)
     assert text.startswith("-0.0020: BEYOND the spread (0.0007); paired over 3 seeds -0.0020 ± 0.0004")
     assert text.endswith("ahead on 0, behind on 3, sign-flip p = 0.25")
+    # a loss: lower is better, so the seeds are counted as higher and lower, not ahead and behind
+    assert quality.verdict(lorakit, trl, 4, ("higher", "lower")).endswith("higher on 0, lower on 3, sign-flip p = 0.25")
     assert quality.verdict({1: 74.0, 2: 74.2, 3: 73.1}, {1: 74.3, 2: 74.7, 3: 73.6}).startswith(
         "-0.43: within the spread (0.59)"
     )
