@@ -488,7 +488,7 @@ def train(
 
 def _train_config(recipe: Path | None, flags: dict[str, Any]) -> Any:
     """The run's TrainConfig: the recipe (or, on --resume, the run's config.yaml), the flags typed on top."""
-    from .training.config import build_config, read_recipe
+    from .training.config import build_config, read_recipe, read_run_config
 
     values: dict[str, Any] = {}
     source = "flags"
@@ -496,7 +496,7 @@ def _train_config(recipe: Path | None, flags: dict[str, Any]) -> Any:
     if recipe is not None:
         values, source = read_recipe(recipe), str(recipe)
     elif flags.get("resume") and out_given and (Path(out_given) / "config.yaml").is_file():
-        values, source = read_recipe(Path(out_given) / "config.yaml"), str(Path(out_given) / "config.yaml")
+        values, source = read_run_config(Path(out_given) / "config.yaml"), str(Path(out_given) / "config.yaml")
         values = {k: v for k, v in values.items() if k not in ("resume", "overwrite")}
     return build_config(values, flags, source=source)
 

@@ -500,6 +500,29 @@ def test_resume_refuses_settings_that_would_mix_two_runs(model, data, full, tmp_
     assert_same_run(full, out)
 
 
+def test_a_run_from_before_group_by_length_resumes_with_the_grouped_batches_it_drew(model, data, tmp_path, monkeypatch):
+    """Until 2026-12-03 every run drew length-grouped batches and its config.yaml had no group_by_length key: a
+    resume continues those batches (the checkpoint's batch index points into them), not today's random default."""
+    out = killed_after_step_4(model, data, tmp_path / "run")
+    config = out / "config.yaml"
+    config.write_text(re.sub(r"(?m)^group_by_length: false\n", "", config.read_text()))
+    assert "group_by_length" not in config.read_text()
+    before = snapshot(out)
+    from lorakit.cli import _train_config
+
+    assert _train_config(None, {"resume": True, "out": str(out)}).group_by_length is True
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the settings were checked")
+
+    monkeypatch.setattr(lorakit.training.loop, "load_base", no_model)
+    result = runner.invoke(app, ["train", "--resume", "--out", str(out), "--no-group-by-length"])
+    assert result.exit_code == 2, result.output
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"error: {out}: --resume continues the run") and "group_by_length: True -> False" in line
+    assert snapshot(out) == before
+
+
 def test_resume_records_the_settings_it_may_change_at_their_step(model, data, full, tmp_path):
     """Checkpoint, evaluation and log intervals and the threads may change on --resume (the adapter is the same);
     config.yaml keeps the values the run started with and says what changed at which step."""

@@ -60,7 +60,7 @@ from .config import (
     RESUME_MAY_CHANGE,
     TrainConfig,
     build_config,
-    read_recipe,
+    read_run_config,
     resume_changes,
 )
 from .data import Encoded, Rows, batch_order, collate, encode, read_rows, split_rows, to_device
@@ -559,7 +559,7 @@ def check_same_settings(cfg: TrainConfig, out: Path) -> list[str]:
     saved_path = out / "config.yaml"
     if not saved_path.is_file():
         return []  # a run folder of lorakit 0.1 before its first config.yaml: nothing to compare
-    saved = build_config(read_recipe(saved_path), source=str(saved_path))
+    saved = build_config(read_run_config(saved_path), source=str(saved_path))
     changes = resume_changes(saved, cfg)
     if changes:
         raise LorakitError(
